@@ -1,0 +1,33 @@
+"""quantlab: INT8 calibration analysis.
+
+model + data -> histograms -> thresholds -> caches / Q/DQ model -> drift report. The public API is re-exported here
+and imported lazily, so `import quantlab` (and `quantlab --help`) stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "Histogram": "quantlab.histogram",
+    "HistogramSet": "quantlab.histogram",
+    "load_histograms": "quantlab.histogram",
+    "collect": "quantlab.collect",
+    "CalibrationData": "quantlab.data",
+    "QuantlabError": "quantlab.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'quantlab' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

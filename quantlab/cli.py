@@ -1,0 +1,184 @@
+"""The `quantlab` command: a thin typer layer over the library. Heavy imports happen inside the commands."""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+import click
+import typer
+
+from quantlab.errors import QuantlabError
+
+app = typer.Typer(
+    name="quantlab",
+    help="INT8 calibration analysis: model + data -> histograms -> thresholds -> caches / Q/DQ model -> drift report.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+_settings = {"debug": False}
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    console = Console(stderr=stderr, highlight=False)
+    # Piped output (logs, CI) gets wide tables instead of rich's 80-column default.
+    return console if console.is_terminal else Console(stderr=stderr, highlight=False, width=160)
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors.")) -> None:
+    _settings["debug"] = debug
+
+
+@contextmanager
+def _progress(total: int, quiet: bool) -> Iterator:
+    """A rich progress bar per stage (shown only on a terminal and without --quiet); yields the progress callback."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = _console(stderr=True)
+    bar = Progress(
+        TextColumn("{task.description:>12}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("samples"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=quiet or not console.is_terminal,
+    )
+    tasks: dict[str, int] = {}
+
+    def update(stage: str, samples: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(stage, total=total)
+        bar.update(tasks[stage], completed=samples)
+
+    with bar:
+        yield update
+
+
+def _split_patterns(values: Optional[list[str]]) -> list[str] | None:
+    patterns = [p.strip() for value in values or [] for p in value.split(",") if p.strip()]
+    return patterns or None
+
+
+def _warn_nonfinite(histograms) -> None:
+    console = _console(stderr=True)
+    for name, hist in histograms.items():
+        if hist.nan_count or hist.inf_count:
+            console.print(
+                f"[yellow]warning:[/] {name}: {hist.nan_count} NaN and {hist.inf_count} Inf values left out of its histogram"
+            )
+
+
+@app.command()
+def collect(
+    model: Path = typer.Argument(..., help="FP32 ONNX model."),
+    data: Path = typer.Option(..., "--data", "-d", help="Directory of .npy (single input) or .npz (keyed by input name) files."),
+    out: Path = typer.Option(Path("histograms.npz"), "--out", "-o", help="Histogram file to write."),
+    bins: int = typer.Option(2048, "--bins", help="Bins of |x| per tensor (the signed histogram has twice as many)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Samples per inference run (default: as stored per file)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N samples."),
+    tensors: Optional[list[str]] = typer.Option(None, "--tensors", "-t", help="Only tensors matching these globs (repeat or comma-separate)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Stream every float activation tensor of MODEL over the data into exact histograms."""
+    from quantlab.atomic import check_writable
+    from quantlab.collect import collect as collect_histograms
+    from quantlab.data import CalibrationData
+    from quantlab.model import input_specs, load_model
+
+    check_writable(out)
+    if bins < 1:
+        raise QuantlabError(f"--bins must be at least 1, got {bins}")
+    calibration = CalibrationData(data, input_specs(load_model(model)), batch_size=batch_size, limit=limit)
+    with _progress(len(calibration), quiet) as progress:
+        histograms = collect_histograms(model, calibration, bins=bins, tensors=_split_patterns(tensors), progress=progress)
+    histograms.save(out)
+    _warn_nonfinite(histograms)
+    meta = histograms.metadata
+    _console().print(
+        f"wrote {out}: {len(histograms)} tensors x {bins} bins of |x| from {meta['data']['samples']} samples "
+        f"in {meta['seconds']:.2f} s"
+    )
+
+
+@app.command()
+def show(
+    histograms_file: Path = typer.Argument(..., metavar="HISTOGRAMS", help="Histogram file from `quantlab collect`."),
+    tensor: Optional[str] = typer.Argument(None, help="One tensor to show in detail."),
+) -> None:
+    """Table of every tensor's histogram statistics, or one tensor's histogram in detail."""
+    from quantlab.histogram import load_histograms
+    from quantlab.report import histogram_table, tensor_detail
+
+    histograms = load_histograms(histograms_file)
+    console = _console()
+    if tensor is None:
+        console.print(histogram_table(histograms))
+        return
+    if tensor not in histograms:
+        import difflib
+
+        close = difflib.get_close_matches(tensor, list(histograms), n=3, cutoff=0.3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise QuantlabError(f"{histograms_file}: no tensor named {tensor!r}{hint}")
+    console.print(tensor_detail(tensor, histograms[tensor]))
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("quantlab-demo"), "--out", "-o", help="Directory for every artifact of the demo."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Run every stage on the bundled digits CNN and calib_data/, writing the artifacts to --out."""
+    from quantlab.data import CalibrationData
+    from quantlab.demo import demo_paths, run_demo
+    from quantlab.model import input_specs, load_model
+
+    paths = demo_paths()
+    console = _console()
+    console.print(f"demo model {paths.model}\ncalibration data {paths.calib}")
+    samples = len(CalibrationData(paths.calib, input_specs(load_model(paths.model))))
+    with _progress(samples, quiet) as progress:
+        result = run_demo(out, progress=progress)
+    for label, path in result.written.items():
+        console.print(f"  wrote {path}  ({label})")
+    histograms = result.written["histograms"]
+    console.print("\nnext:")
+    console.print(f"  quantlab show {histograms}")
+    console.print(f"  quantlab show {histograms} {result.long_tail_tensor}   # the longest-tailed tensor")
+
+
+def main() -> None:
+    """Entry point: one-line errors (exit 2 for bad input, 1 for failures, 130 for Ctrl-C) unless --debug."""
+    try:
+        result = app(standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        print("quantlab: aborted", file=sys.stderr)
+        sys.exit(1)
+    except QuantlabError as exc:
+        if _settings["debug"]:
+            raise
+        print(f"quantlab: error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("quantlab: interrupted; nothing written", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:
+        if _settings["debug"]:
+            raise
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"quantlab: internal error: {type(exc).__name__}: {message} (run with --debug for the traceback)", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(result if isinstance(result, int) else 0)

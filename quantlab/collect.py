@@ -1,0 +1,184 @@
+"""Run a model in ONNX Runtime and stream every float activation tensor into an exact histogram.
+
+Two passes over the data: the first finds each tensor's max|x| (and its min, max, counts of values, zeros, NaN and
+Inf); the second adds each batch's `np.histogram` over the fixed range [-max|x|, +max|x|]. With the range fixed,
+a value's bin does not depend on the batch it came in, so the sum over batches is exactly `np.histogram` of all values
+at once. Memory is one batch of activations plus tensors x bins counts, whatever the size of the data set.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from quantlab.data import Batch, CalibrationData
+from quantlab.errors import QuantlabError, QuantlabInterrupted, QuantlabRuntimeError
+from quantlab.histogram import Histogram, HistogramSet
+from quantlab.model import activation_tensors, create_session, file_sha256, input_specs, load_model, with_outputs
+
+Progress = Callable[[str, int], None]
+
+
+def select_tensors(names: list[str], patterns: Sequence[str] | None) -> list[str]:
+    """The names matching any of the glob patterns (all names without patterns); an unmatched pattern is an error."""
+    if not patterns:
+        return names
+    selected = [name for name in names if any(fnmatch.fnmatchcase(name, p) for p in patterns)]
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(name, p) for name in names)]
+    if unmatched:
+        raise QuantlabError(f"--tensors pattern(s) {', '.join(unmatched)} match no activation tensor of the model")
+    return selected
+
+
+class _Stats:
+    """Running per-tensor statistics of the range pass."""
+
+    def __init__(self, size: int) -> None:
+        self.low: list[np.generic | None] = [None] * size
+        self.high: list[np.generic | None] = [None] * size
+        self.count = np.zeros(size, np.int64)
+        self.zeros = np.zeros(size, np.int64)
+        self.nans = np.zeros(size, np.int64)
+        self.infs = np.zeros(size, np.int64)
+
+    def update(self, i: int, values: np.ndarray) -> None:
+        if values.size == 0:
+            return
+        low, high = values.min(), values.max()
+        if not (np.isfinite(low) and np.isfinite(high)):
+            self.nans[i] += np.count_nonzero(np.isnan(values))
+            self.infs[i] += np.count_nonzero(np.isinf(values))
+            values = values[np.isfinite(values)]
+            if values.size == 0:
+                return
+            low, high = values.min(), values.max()
+        self.low[i] = low if self.low[i] is None else min(self.low[i], low)
+        self.high[i] = high if self.high[i] is None else max(self.high[i], high)
+        self.count[i] += values.size
+        self.zeros[i] += values.size - np.count_nonzero(values)
+
+    def amax(self, i: int, dtype: np.dtype) -> np.generic:
+        """max|x| as a scalar of the tensor's dtype, so the bin edges are those np.histogram computes for the data."""
+        if self.low[i] is None:
+            return dtype.type(0)
+        return max(abs(self.low[i]), abs(self.high[i]))
+
+
+def _as_float(values: np.ndarray) -> np.ndarray:
+    """Flattened values; float16/bfloat16 widened to float32 (np.histogram has no half-precision path)."""
+    flat = np.asarray(values).reshape(-1)
+    return flat if flat.dtype in (np.float32, np.float64) else flat.astype(np.float32)
+
+
+class _Runner:
+    """Feeds batches through one session and hands out the selected tensors' values per batch."""
+
+    def __init__(self, model_path: Path, tensors: Sequence[str] | None, threads: int) -> None:
+        self.model = load_model(model_path)
+        self.inputs = input_specs(self.model)
+        names = activation_tensors(self.model)
+        if not names:
+            raise QuantlabError(f"{model_path}: the model has no float activation tensors to calibrate")
+        self.names = select_tensors(names, tensors)
+        self.session = create_session(with_outputs(self.model, self.names), threads=threads)
+        fed = {spec.name for spec in self.inputs}
+        self.outputs = [name for name in self.names if name not in fed]
+
+    def values(self, feed: Batch) -> list[np.ndarray]:
+        try:
+            produced = dict(zip(self.outputs, self.session.run(self.outputs, feed)))
+        except Exception as exc:
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise QuantlabRuntimeError(f"inference failed: {message}") from None
+        return [_as_float(feed[name] if name in feed else produced[name]) for name in self.names]
+
+
+def collect(
+    model: str | Path,
+    data: str | Path | CalibrationData | Iterable[Batch],
+    *,
+    bins: int = 2048,
+    batch_size: int | None = None,
+    limit: int | None = None,
+    tensors: Sequence[str] | None = None,
+    threads: int = 0,
+    progress: Progress | None = None,
+) -> HistogramSet:
+    """Histograms (signed, 2*bins bins over [-max|x|, +max|x|]) of every float activation tensor of `model`.
+
+    `data` is a directory of .npy/.npz files, a CalibrationData, or a re-iterable of feeds {input name: array}.
+    `tensors` keeps only the names matching these globs. `progress(stage, samples)` is called after each batch.
+    """
+    if bins < 1:
+        raise QuantlabError(f"--bins must be at least 1, got {bins}")
+    model_path = Path(model)
+    runner = _Runner(model_path, tensors, threads)
+    if isinstance(data, (str, Path)):
+        data = CalibrationData(data, runner.inputs, batch_size=batch_size, limit=limit)
+    summary = data.summary() if isinstance(data, CalibrationData) else {"source": type(data).__name__}
+    started = time.perf_counter()
+
+    stats = _Stats(len(runner.names))
+    dtypes: list[np.dtype | None] = [None] * len(runner.names)
+    samples = _run_pass(runner, data, "ranges", progress, lambda i, x: stats.update(i, x), dtypes)
+    if samples == 0:
+        raise QuantlabError("the calibration data holds no samples")
+    amax = [stats.amax(i, dtypes[i]) for i in range(len(runner.names))]
+    counts = [np.zeros(2 * bins, np.int64) for _ in runner.names]
+
+    def add(i: int, values: np.ndarray) -> None:
+        if stats.nans[i] or stats.infs[i]:
+            values = values[np.isfinite(values)]
+        counts[i] += np.histogram(values, bins=2 * bins, range=(-amax[i], amax[i]))[0]
+
+    _run_pass(runner, data, "histograms", progress, add, dtypes)
+
+    histograms = {}
+    for i, name in enumerate(runner.names):
+        edges = np.histogram(np.empty(0, dtypes[i]), bins=2 * bins, range=(-amax[i], amax[i]))[1]
+        histograms[name] = Histogram(
+            counts[i],
+            edges,
+            min=None if stats.low[i] is None else float(stats.low[i]),
+            max=None if stats.high[i] is None else float(stats.high[i]),
+            count=int(stats.count[i]),
+            zero_count=int(stats.zeros[i]),
+            nan_count=int(stats.nans[i]),
+            inf_count=int(stats.infs[i]),
+        )
+    metadata = {
+        "bins": bins,
+        "collection": "exact: range pass then histogram pass over [-max|x|, +max|x|], signed, 2*bins bins",
+        "model_name": model_path.name,
+        "model_sha256": file_sha256(model_path),
+        "data": {**summary, "samples": samples},
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    return HistogramSet(histograms, metadata)
+
+
+def _run_pass(
+    runner: _Runner,
+    data: Iterable[Batch],
+    stage: str,
+    progress: Progress | None,
+    consume: Callable[[int, np.ndarray], None],
+    dtypes: list[np.dtype | None],
+) -> int:
+    """One pass over the data: every selected tensor of every batch goes to `consume(index, values)`."""
+    samples = 0
+    try:
+        for feed in data:
+            for i, values in enumerate(runner.values(feed)):
+                dtypes[i] = dtypes[i] or values.dtype
+                consume(i, values)
+            samples += len(next(iter(feed.values())))
+            if progress:
+                progress(stage, samples)
+    except KeyboardInterrupt:
+        raise QuantlabInterrupted(f"interrupted during the {stage} pass after {samples} samples; nothing written") from None
+    return samples

@@ -1,0 +1,194 @@
+"""Calibration inputs: a directory of `.npy` / `.npz` files, validated against the model, streamed as batches.
+
+A `.npy` file feeds a single-input model; a `.npz` file holds one array per input name. Each array is one sample
+(the input's rank minus the batch dim) or a batch of samples (the input's full rank). Files are read in sorted
+order, one at a time (memory-mapped where possible), and regrouped into batches of `batch_size` samples.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from quantlab.errors import QuantlabError
+from quantlab.model import InputSpec
+
+Batch = dict[str, np.ndarray]
+
+
+def _read_npy_header(handle) -> tuple[tuple[int, ...], np.dtype]:
+    version = np.lib.format.read_magic(handle)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
+    elif version == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(handle)
+    else:
+        raise ValueError(f"unsupported .npy version {version}")
+    return shape, dtype
+
+
+def _peek(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Array name -> (shape, dtype) of a data file, from its headers only."""
+    try:
+        if path.suffix == ".npy":
+            with open(path, "rb") as handle:
+                return {"": _read_npy_header(handle)}
+        with zipfile.ZipFile(path) as archive:
+            arrays = {}
+            for member in archive.namelist():
+                if not member.endswith(".npy"):
+                    raise ValueError(f"member {member} is not an array")
+                with archive.open(member) as handle:
+                    arrays[member[: -len(".npy")]] = _read_npy_header(handle)
+            return arrays
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise QuantlabError(f"{path}: not a readable {path.suffix} file ({exc})") from None
+
+
+@dataclass(frozen=True)
+class _FilePlan:
+    path: Path
+    samples: int
+    batched: dict[str, bool]
+
+
+class CalibrationData:
+    """The calibration set of one model: every file checked against the model's inputs before anything runs.
+
+    Iterating yields feeds `{input name: array}` of `batch_size` samples (the last one may be smaller); with
+    `batch_size=None` each file is one feed, as stored. `limit` stops after that many samples.
+    """
+
+    def __init__(
+        self,
+        directory: str | Path,
+        inputs: list[InputSpec],
+        batch_size: int | None = None,
+        limit: int | None = None,
+    ) -> None:
+        self.directory = Path(directory)
+        self.inputs = inputs
+        if batch_size is not None and batch_size < 1:
+            raise QuantlabError(f"--batch-size must be at least 1, got {batch_size}")
+        if limit is not None and limit < 1:
+            raise QuantlabError(f"--limit must be at least 1, got {limit}")
+        fixed = {spec.shape[0] for spec in inputs if spec.shape and isinstance(spec.shape[0], int)}
+        self.batch_size = fixed.pop() if batch_size is None and len(fixed) == 1 else batch_size
+        self._check_batch_dims()
+        self._plans = self._scan()
+        available = sum(plan.samples for plan in self._plans)
+        self.num_samples = min(available, limit) if limit else available
+
+    def _check_batch_dims(self) -> None:
+        for spec in self.inputs:
+            if not spec.shape:
+                raise QuantlabError(f"input {spec.name!r} is a scalar; quantlab needs inputs with a batch dimension")
+            fixed = spec.shape[0]
+            if self.batch_size not in (None, 1) and isinstance(fixed, int) and fixed != self.batch_size:
+                raise QuantlabError(
+                    f"--batch-size {self.batch_size} does not fit input {spec.name!r}, whose batch dimension is fixed to {fixed}"
+                )
+
+    def _scan(self) -> list[_FilePlan]:
+        if not self.directory.is_dir():
+            raise QuantlabError(f"{self.directory}: data directory not found")
+        files = sorted(p for p in self.directory.iterdir() if not p.name.startswith("."))
+        if not files:
+            raise QuantlabError(f"{self.directory}: data directory is empty (expected .npy or .npz files)")
+        for path in files:
+            if path.suffix not in (".npy", ".npz") or not path.is_file():
+                raise QuantlabError(f"{path}: not a .npy or .npz file (a data directory holds only those)")
+        if len(self.inputs) > 1 and any(p.suffix == ".npy" for p in files):
+            names = ", ".join(spec.name for spec in self.inputs)
+            raise QuantlabError(f"{self.directory}: the model has several inputs ({names}); use .npz files keyed by input name")
+        return [self._plan(path) for path in files]
+
+    def _plan(self, path: Path) -> _FilePlan:
+        arrays = _peek(path)
+        if path.suffix == ".npy":
+            arrays = {self.inputs[0].name: arrays[""]}
+        expected = {spec.name for spec in self.inputs}
+        if set(arrays) != expected:
+            missing, extra = sorted(expected - set(arrays)), sorted(set(arrays) - expected)
+            parts = ([f"missing input(s) {', '.join(missing)}"] if missing else []) + (
+                [f"unknown name(s) {', '.join(extra)}"] if extra else []
+            )
+            raise QuantlabError(f"{path}: {'; '.join(parts)} (model inputs: {', '.join(sorted(expected))})")
+        batched, samples = {}, set()
+        for spec in self.inputs:
+            shape, dtype = arrays[spec.name]
+            if dtype != spec.dtype:
+                raise QuantlabError(f"{path}: input {spec.name!r} has dtype {dtype}, the model expects {spec.dtype}")
+            batched[spec.name] = len(shape) == len(spec.shape)
+            sample_shape = shape[1:] if batched[spec.name] else shape
+            if len(sample_shape) != len(spec.shape) - 1:
+                raise QuantlabError(
+                    f"{path}: input {spec.name!r} has shape {shape}, the model expects {spec.describe()} "
+                    f"(one sample without the batch dim, or a batch)"
+                )
+            for axis, (got, want) in enumerate(zip(sample_shape, spec.shape[1:]), start=1):
+                if isinstance(want, int) and got != want:
+                    raise QuantlabError(
+                        f"{path}: input {spec.name!r} has shape {shape}, the model expects {spec.describe()} (dim {axis})"
+                    )
+            samples.add(shape[0] if batched[spec.name] else 1)
+        if len(samples) != 1:
+            raise QuantlabError(f"{path}: inputs hold different numbers of samples {sorted(samples)}")
+        return _FilePlan(path, samples.pop(), batched)
+
+    def summary(self) -> dict:
+        """What was fed: for the histogram file's metadata."""
+        return {
+            "directory": str(self.directory),
+            "files": len(self._plans),
+            "samples": self.num_samples,
+            "batch_size": self.batch_size,
+            "inputs": [spec.describe() for spec in self.inputs],
+        }
+
+    def _load(self, plan: _FilePlan) -> Batch:
+        if plan.path.suffix == ".npy":
+            arrays = {self.inputs[0].name: np.load(plan.path, mmap_mode="r", allow_pickle=False)}
+        else:
+            with np.load(plan.path, allow_pickle=False) as npz:
+                arrays = {name: npz[name] for name in npz.files}
+        return {name: (a if plan.batched[name] else a[np.newaxis]) for name, a in arrays.items()}
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[Batch]:
+        remaining = self.num_samples
+        pending: list[Batch] = []
+        pending_samples = 0
+        for plan in self._plans:
+            if remaining <= 0:
+                break
+            arrays = self._load(plan)
+            take = min(plan.samples, remaining)
+            remaining -= take
+            if self.batch_size is None:
+                yield {name: np.ascontiguousarray(a[:take]) for name, a in arrays.items()}
+                continue
+            start = 0
+            while start < take:
+                step = min(self.batch_size - pending_samples, take - start)
+                pending.append({name: a[start : start + step] for name, a in arrays.items()})
+                pending_samples += step
+                start += step
+                if pending_samples == self.batch_size:
+                    yield _concat(pending)
+                    pending, pending_samples = [], 0
+        if pending:
+            yield _concat(pending)
+
+
+def _concat(parts: list[Batch]) -> Batch:
+    try:
+        return {name: np.ascontiguousarray(np.concatenate([p[name] for p in parts])) for name in parts[0]}
+    except ValueError:
+        raise QuantlabError("samples of different shapes cannot be batched together; leave --batch-size unset") from None

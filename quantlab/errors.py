@@ -1,0 +1,21 @@
+"""quantlab's own error types: every expected failure is one of these, shown as one line by the CLI."""
+
+from __future__ import annotations
+
+
+class QuantlabError(Exception):
+    """A problem with the user's input (file, option, model, data): CLI exit code 2."""
+
+    exit_code = 2
+
+
+class QuantlabRuntimeError(QuantlabError):
+    """A failure while doing the work (inference failed, a file could not be written): CLI exit code 1."""
+
+    exit_code = 1
+
+
+class QuantlabInterrupted(QuantlabRuntimeError):
+    """The user pressed Ctrl-C: nothing was written; exit code 130 as for SIGINT."""
+
+    exit_code = 130

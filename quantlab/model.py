@@ -1,0 +1,156 @@
+"""Load and validate an ONNX model, find its activation tensors, and expose them as outputs for ONNX Runtime."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+
+from quantlab.errors import QuantlabError
+
+FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
+# Serialized protobufs are capped at 2 GiB; larger models go to ONNX Runtime through a file with external data.
+_PROTOBUF_LIMIT = 2**31 - 2**24
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A graph input: name, shape (int for a fixed dim, str or None for a dynamic one) and NumPy dtype."""
+
+    name: str
+    shape: tuple[int | str | None, ...]
+    dtype: np.dtype
+
+    def describe(self) -> str:
+        dims = ", ".join("?" if d is None else str(d) for d in self.shape)
+        return f"{self.name} [{dims}] {self.dtype}"
+
+
+def load_model(path: str | Path) -> onnx.ModelProto:
+    """Read and check an ONNX model (external data included); any problem becomes a one-line QuantlabError."""
+    path = Path(path)
+    if not path.is_file():
+        raise QuantlabError(f"{path}: model file not found")
+    try:
+        model = onnx.load(str(path))
+    except FileNotFoundError as exc:
+        raise QuantlabError(f"{path}: external data file missing ({Path(exc.filename or '?').name})") from None
+    except Exception as exc:  # protobuf raises DecodeError and friends: all mean "not an ONNX model"
+        raise QuantlabError(f"{path}: not a valid ONNX model ({type(exc).__name__})") from None
+    if not model.graph.node:
+        raise QuantlabError(f"{path}: not a valid ONNX model (the graph has no nodes)")
+    try:
+        if model.ByteSize() < _PROTOBUF_LIMIT:
+            onnx.checker.check_model(model)
+        else:
+            onnx.checker.check_model(str(path))
+    except (onnx.checker.ValidationError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise QuantlabError(f"{path}: invalid ONNX model ({first_line})") from None
+    return model
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
+    """The inputs a caller must feed (graph inputs that are not initializers), in graph order."""
+    initializers = {init.name for init in model.graph.initializer}
+    specs = []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        tensor_type = value.type.tensor_type
+        dims = tuple(
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim
+        )
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+        specs.append(InputSpec(value.name, dims, np.dtype(dtype)))
+    return specs
+
+
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Tensor name -> ONNX element type, from the graph and ONNX shape inference."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model) if model.ByteSize() < _PROTOBUF_LIMIT else model
+    except Exception:  # custom ops or broken value_info: fall back to what the graph declares
+        inferred = model
+    graph = inferred.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.value_info, *graph.output]}
+    types.update({init.name: init.data_type for init in model.graph.initializer})
+    return types
+
+
+def activation_tensors(model: onnx.ModelProto) -> list[str]:
+    """Names of the float tensors that depend on the model's inputs, in graph order: fed inputs, then node outputs.
+
+    Weights are left out even where a graph computes them (Constant nodes, Cast/Reshape/DequantizeLinear of
+    initializers), as are integer side tensors (shapes, indices) and tensors of unknown type.
+    """
+    types = _elem_types(model)
+    dynamic = {spec.name for spec in input_specs(model)}
+    names = [name for name in dynamic if types.get(name) in FLOAT_TYPES]
+    names.sort(key=[spec.name for spec in input_specs(model)].index)
+    for node in model.graph.node:
+        has_subgraph = any(attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for attr in node.attribute)
+        if not has_subgraph and not any(name in dynamic for name in node.input if name):
+            continue
+        for name in node.output:
+            if name:
+                dynamic.add(name)
+                if types.get(name) in FLOAT_TYPES:
+                    names.append(name)
+    return names
+
+
+def producers(model: onnx.ModelProto) -> dict[str, str]:
+    """Tensor name -> op type of the node that produces it ("Input" for graph inputs)."""
+    ops = {spec.name: "Input" for spec in input_specs(model)}
+    for node in model.graph.node:
+        ops.update({name: node.op_type for name in node.output if name})
+    return ops
+
+
+def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of the model whose graph outputs also include `names` (graph inputs are skipped: they are fed)."""
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    types = _elem_types(model)
+    fed = {spec.name for spec in input_specs(model)}
+    present = {output.name for output in exposed.graph.output}
+    for name in names:
+        if name not in present and name not in fed:
+            exposed.graph.output.append(onnx.helper.make_tensor_value_info(name, types.get(name, TensorProto.FLOAT), None))
+    return exposed
+
+
+def create_session(model: onnx.ModelProto, threads: int = 0):
+    """An ONNX Runtime CPU session for an in-memory model (through a temp file when it is over protobuf's limit)."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    providers = ["CPUExecutionProvider"]
+    try:
+        if model.ByteSize() < _PROTOBUF_LIMIT:
+            return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model.onnx"
+            onnx.save(model, str(path), save_as_external_data=True, location="weights.bin")
+            return ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise QuantlabError(f"ONNX Runtime cannot load the model: {message}") from None

@@ -1,0 +1,83 @@
+"""Rich renderings of quantlab's artifacts for the terminal: tables of histograms and a bar view of one histogram."""
+
+from __future__ import annotations
+
+import numpy as np
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from quantlab.histogram import Histogram, HistogramSet
+
+_BLOCKS = " ▁▂▃▄▅▆▇█"
+
+
+def tail_mass(hist: Histogram, fraction: float = 0.01) -> float:
+    """Share of the values whose |x| lies in the top `fraction` of the range: how long-tailed a tensor is."""
+    folded = hist.fold()
+    total = folded.total
+    if total == 0:
+        return 0.0
+    start = int(np.floor(folded.bins * (1.0 - fraction)))
+    return float(folded.counts[start:].sum() / total)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.6g}"
+
+
+def histogram_table(histograms: HistogramSet) -> Table:
+    """One row per tensor: range, counts, zeros, non-finite values and tail mass."""
+    table = Table(title=f"{len(histograms)} tensors, {histograms.metadata.get('bins', '?')} bins of |x|")
+    for column in ("tensor", "min", "max", "max|x|", "count", "zeros", "NaN/Inf", "top 1% mass"):
+        if column == "tensor":
+            table.add_column(column, overflow="fold", min_width=16)
+        else:
+            table.add_column(column, justify="right", no_wrap=True)
+    for name, hist in histograms.items():
+        nonfinite = hist.nan_count + hist.inf_count
+        zeros = "-" if not hist.count else f"{hist.zero_count / hist.count:.1%}"
+        table.add_row(
+            name,
+            _fmt(hist.min),
+            _fmt(hist.max),
+            _fmt(hist.amax),
+            f"{hist.count:,}" if hist.count is not None else "-",
+            zeros,
+            Text(f"{hist.nan_count:,}/{hist.inf_count:,}", style="bold red" if nonfinite else ""),
+            f"{tail_mass(hist):.1e}",
+        )
+    return table
+
+
+def bar_view(hist: Histogram, width: int = 64, height: int = 8) -> Group:
+    """The |x| histogram regrouped into `width` columns, log-scaled counts drawn `height` rows tall."""
+    folded = hist.fold()
+    columns = np.add.reduceat(folded.counts, np.linspace(0, folded.bins, min(width, folded.bins), endpoint=False).astype(int))
+    levels = np.log1p(columns.astype(np.float64))
+    eighths = np.zeros_like(levels) if levels.max() == 0 else np.round(levels / levels.max() * height * 8)
+    rows = []
+    for row in range(height - 1, -1, -1):
+        cells = np.clip(eighths - row * 8, 0, 8).astype(int)
+        rows.append(Text("".join(_BLOCKS[c] for c in cells), style="cyan"))
+    axis = f"0{' ' * (len(columns) - 1 - len(_fmt(folded.edges[-1])))}{_fmt(folded.edges[-1])}"
+    return Group(*rows, Text(axis, style="dim"), Text("|x|, log-scaled counts", style="dim"))
+
+
+def tensor_detail(name: str, hist: Histogram) -> Group:
+    """Statistics and the bar view of one tensor."""
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column()
+    for label, value in (
+        ("tensor", name),
+        ("bins", f"{hist.bins} ({'signed' if hist.is_signed else '|x|'})"),
+        ("min / max", f"{_fmt(hist.min)} / {_fmt(hist.max)}"),
+        ("max|x|", _fmt(hist.amax)),
+        ("values", f"{hist.count:,}" if hist.count is not None else "-"),
+        ("zeros", "-" if not hist.count else f"{hist.zero_count / hist.count:.2%}"),
+        ("NaN / Inf", f"{hist.nan_count:,} / {hist.inf_count:,} (left out of the histogram)"),
+        ("top 1% mass", f"{tail_mass(hist):.3e}"),
+    ):
+        table.add_row(label, value)
+    return Group(table, Text(""), bar_view(hist))
