@@ -15,7 +15,7 @@ _EXPORTS = {
     "Histogram": "quantlab.histogram",
     "HistogramSet": "quantlab.histogram",
     "load_histograms": "quantlab.histogram",
-    "collect": "quantlab.collect",
+    "collect": "quantlab.collection",
     "CalibrationData": "quantlab.data",
     "QuantlabError": "quantlab.errors",
 }

@@ -18,6 +18,8 @@ def check_writable(path: str | os.PathLike) -> Path:
     if target.is_dir():
         raise QuantlabError(f"{target}: output path is a directory")
     parent = target.parent if str(target.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise QuantlabError(f"{target}: {parent} is not a directory")
     if not parent.is_dir():
         raise QuantlabError(f"{target}: output directory {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):

@@ -89,7 +89,7 @@ def collect(
 ) -> None:
     """Stream every float activation tensor of MODEL over the data into exact histograms."""
     from quantlab.atomic import check_writable
-    from quantlab.collect import collect as collect_histograms
+    from quantlab.collection import collect as collect_histograms
     from quantlab.data import CalibrationData
     from quantlab.model import input_specs, load_model
 

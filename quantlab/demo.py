@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from quantlab.atomic import atomic_write
-from quantlab.collect import Progress, collect
+from quantlab.collection import Progress, collect
 from quantlab.errors import QuantlabError
 
 _DATA_DIR_NAME = "calib_data"

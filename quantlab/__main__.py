@@ -1,0 +1,5 @@
+"""`python -m quantlab` runs the CLI."""
+
+from quantlab.cli import main
+
+main()

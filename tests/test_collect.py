@@ -1,0 +1,121 @@
+"""collect: histograms are exactly np.histogram of every activation, whatever the batching; models of many shapes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import quantlab
+from conftest import CALIB_DIR, DEMO_MODEL, run_all_float_outputs
+from models import save_multi_input_data, save_multi_input_model
+from quantlab.errors import QuantlabError
+from quantlab.model import file_sha256
+
+
+@pytest.fixture(scope="module")
+def demo_histograms():
+    return quantlab.collect(DEMO_MODEL, CALIB_DIR)
+
+
+def assert_exact(histograms, activations, bins=2048):
+    """Each histogram equals np.histogram of the concatenated values over [-max|x|, +max|x|], edges included."""
+    assert list(histograms) == list(activations)
+    for name, values in activations.items():
+        finite = values[np.isfinite(values)]
+        amax = np.abs(finite).max()
+        counts, edges = np.histogram(finite, bins=2 * bins, range=(-amax, amax))
+        hist = histograms[name]
+        np.testing.assert_array_equal(hist.counts, counts, err_msg=name)
+        np.testing.assert_array_equal(hist.edges, edges, err_msg=name)
+        assert hist.min == float(finite.min()) and hist.max == float(finite.max())
+        assert hist.count == finite.size == hist.counts.sum()
+        assert hist.zero_count == np.count_nonzero(finite == 0)
+        assert hist.nan_count == np.isnan(values).sum() and hist.inf_count == np.isinf(values).sum()
+
+
+def test_demo_histograms_are_exact_for_every_float_tensor(demo_histograms, demo_activations):
+    assert len(demo_activations) == 15  # input + 14 node outputs of the digits CNN
+    assert_exact(demo_histograms, demo_activations)
+    assert demo_histograms.metadata["data"]["samples"] == 320
+    assert demo_histograms.metadata["model_sha256"] == file_sha256(DEMO_MODEL)
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 320])
+def test_batch_size_does_not_change_the_histograms(demo_histograms, batch_size):
+    other = quantlab.collect(DEMO_MODEL, CALIB_DIR, batch_size=batch_size)
+    for name, hist in demo_histograms.items():
+        np.testing.assert_array_equal(other[name].counts, hist.counts)
+        np.testing.assert_array_equal(other[name].edges, hist.edges)
+        assert other[name].stats() == hist.stats()
+
+
+def test_limit_and_tensor_globs(demo_activations):
+    histograms = quantlab.collect(DEMO_MODEL, CALIB_DIR, limit=50, tensors=["*Relu*"])
+    assert list(histograms) == [name for name in demo_activations if "Relu" in name]
+    assert histograms.metadata["data"]["samples"] == 50
+    assert all(h.count == h.counts.sum() for h in histograms.values())
+    with pytest.raises(QuantlabError, match="match no activation tensor"):
+        quantlab.collect(DEMO_MODEL, CALIB_DIR, tensors=["*nothing*"])
+
+
+def test_several_inputs_dynamic_batch_constants_and_int_side_tensors(tmp_path):
+    model = save_multi_input_model(tmp_path / "multi.onnx")
+    data = save_multi_input_data(tmp_path / "data")
+    histograms = quantlab.collect(model, data, bins=64)
+    # Float tensors that depend on the inputs; not the Constant weight, its Identity, nor the int64 shape.
+    assert list(histograms) == ["a", "b", "sum", "proj", "act", "emb", "out", "width"]
+    feeds = []
+    for path in sorted(data.glob("*.npz")):
+        with np.load(path) as npz:
+            feeds.append({k: npz[k] if npz[k].ndim == {"ids": 1}.get(k, 2) else npz[k][None] for k in npz.files})
+    activations = run_all_float_outputs(model, feeds)
+    assert_exact(histograms, {name: activations[name] for name in histograms}, bins=64)
+    assert histograms["a"].count == 16 * 4  # 3 files of 5 samples + one single-sample file
+    rebatched = quantlab.collect(model, data, bins=64, batch_size=4)
+    for name in ("a", "b", "sum", "proj", "act", "emb", "out"):  # "width" is the batch size itself
+        np.testing.assert_array_equal(rebatched[name].counts, histograms[name].counts)
+
+
+def test_nan_and_inf_inputs_are_counted_and_left_out(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    batch = np.load(sorted(CALIB_DIR.glob("*.npy"))[0])
+    batch[0, 0, 0, :3] = [np.nan, np.inf, -np.inf]
+    np.save(data / "x.npy", batch)
+    histograms = quantlab.collect(DEMO_MODEL, data)
+    assert histograms["input"].nan_count == 1 and histograms["input"].inf_count == 2
+    values = run_all_float_outputs(DEMO_MODEL, [{"input": batch}])
+    assert_exact({"input": histograms["input"]}, {"input": values["input"]})
+
+
+def test_histogram_file_round_trip_and_merge(demo_histograms, tmp_path):
+    path = demo_histograms.save(tmp_path / "h.npz")
+    loaded = quantlab.load_histograms(path)
+    assert loaded.metadata == demo_histograms.metadata
+    for name, hist in demo_histograms.items():
+        np.testing.assert_array_equal(loaded[name].counts, hist.counts)
+        np.testing.assert_array_equal(loaded[name].edges, hist.edges)
+        assert loaded[name].stats() == hist.stats()
+    doubled = quantlab.HistogramSet.merge([loaded, demo_histograms])
+    name = "logits"
+    np.testing.assert_array_equal(doubled[name].counts, 2 * demo_histograms[name].counts)
+    assert doubled[name].count == 2 * demo_histograms[name].count
+    other = quantlab.collect(DEMO_MODEL, CALIB_DIR, limit=32)
+    with pytest.raises(QuantlabError, match="different ranges"):
+        quantlab.HistogramSet.merge([demo_histograms, other])
+
+
+def test_fold_gives_the_abs_histogram(demo_activations, demo_histograms):
+    for name, values in demo_activations.items():
+        amax = np.abs(values).max()
+        expected = np.histogram(np.abs(values), bins=2048, range=(0, amax))[0]
+        folded = demo_histograms[name].fold()
+        assert folded.bins == 2048 and folded.edges[0] == 0 and np.isclose(folded.edges[-1], amax)
+        assert folded.counts.sum() == expected.sum()
+        # Only values lying on an edge (or within float32 rounding of one) may land one bin apart.
+        absolute = np.abs(values)
+        edges = folded.edges.astype(values.dtype)
+        right = np.clip(np.searchsorted(edges, absolute), 1, edges.size - 1)
+        distance = np.minimum(absolute - edges[right - 1], edges[right] - absolute)
+        on_edge = np.count_nonzero(np.abs(distance) <= 4 * np.spacing(absolute))
+        assert np.abs(np.cumsum(folded.counts) - np.cumsum(expected)).max() <= on_edge, name
