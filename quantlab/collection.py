@@ -74,6 +74,38 @@ def _as_float(values: np.ndarray) -> np.ndarray:
     return flat if flat.dtype in (np.float32, np.float64) else flat.astype(np.float32)
 
 
+class _ExactBins:
+    """Counts values exactly as `np.histogram(values, bins, range=(-amax, amax))` does, without its per-call cost.
+
+    Same edges (np.histogram's own) and the same rule: an estimated bin index, corrected by comparing each value with
+    the edges of that bin (the last bin includes its right edge). Batches of a few hundred values then cost
+    microseconds instead of np.histogram's ~0.2 ms set-up; large tensors are processed in cache-sized chunks.
+    """
+
+    CHUNK = 1 << 16
+
+    def __init__(self, amax: np.generic, bins: int, dtype: np.dtype) -> None:
+        self.edges = np.histogram(np.empty(0, dtype), bins=bins, range=(-amax, amax))[1]
+        self.bins = bins
+        self.first = self.edges[0]
+        self.scale = self.edges.dtype.type(bins / (self.edges[-1] - self.edges[0]))
+        # Lower and upper edge per estimated index 0..bins; an estimate of `bins` (x == amax) steps down one.
+        self.lower = self.edges.copy()
+        self.lower[bins] = np.inf
+        self.upper = np.append(self.edges[1:], np.inf).astype(self.edges.dtype)
+        self.upper[bins - 1] = np.inf
+        self.counts = np.zeros(bins, np.int64)
+
+    def add(self, values: np.ndarray) -> None:
+        for start in range(0, values.size, self.CHUNK):
+            chunk = values[start : start + self.CHUNK]
+            estimate = chunk - self.first
+            estimate *= self.scale
+            index = estimate.astype(np.intp)
+            index += (chunk >= self.upper.take(index)).view(np.int8) - (chunk < self.lower.take(index)).view(np.int8)
+            self.counts += np.bincount(index, minlength=self.bins)
+
+
 class _Runner:
     """Feeds batches through one session and hands out the selected tensors' values per batch."""
 
@@ -127,22 +159,20 @@ def collect(
     samples = _run_pass(runner, data, "ranges", progress, lambda i, x: stats.update(i, x), dtypes)
     if samples == 0:
         raise QuantlabError("the calibration data holds no samples")
-    amax = [stats.amax(i, dtypes[i]) for i in range(len(runner.names))]
-    counts = [np.zeros(2 * bins, np.int64) for _ in runner.names]
+    binners = [_ExactBins(stats.amax(i, dtypes[i]), 2 * bins, dtypes[i]) for i in range(len(runner.names))]
 
     def add(i: int, values: np.ndarray) -> None:
         if stats.nans[i] or stats.infs[i]:
             values = values[np.isfinite(values)]
-        counts[i] += np.histogram(values, bins=2 * bins, range=(-amax[i], amax[i]))[0]
+        binners[i].add(values)
 
     _run_pass(runner, data, "histograms", progress, add, dtypes)
 
     histograms = {}
     for i, name in enumerate(runner.names):
-        edges = np.histogram(np.empty(0, dtypes[i]), bins=2 * bins, range=(-amax[i], amax[i]))[1]
         histograms[name] = Histogram(
-            counts[i],
-            edges,
+            binners[i].counts,
+            binners[i].edges,
             min=None if stats.low[i] is None else float(stats.low[i]),
             max=None if stats.high[i] is None else float(stats.high[i]),
             count=int(stats.count[i]),

@@ -18,6 +18,8 @@ from quantlab.errors import QuantlabError
 from quantlab.model import InputSpec
 
 Batch = dict[str, np.ndarray]
+# Files larger than this are memory-mapped, so a file of many samples never sits in memory whole.
+_MMAP_THRESHOLD = 64 << 20
 
 
 def _read_npy_header(handle) -> tuple[tuple[int, ...], np.dtype]:
@@ -152,7 +154,8 @@ class CalibrationData:
 
     def _load(self, plan: _FilePlan) -> Batch:
         if plan.path.suffix == ".npy":
-            arrays = {self.inputs[0].name: np.load(plan.path, mmap_mode="r", allow_pickle=False)}
+            mmap = "r" if plan.path.stat().st_size > _MMAP_THRESHOLD else None
+            arrays = {self.inputs[0].name: np.load(plan.path, mmap_mode=mmap, allow_pickle=False)}
         else:
             with np.load(plan.path, allow_pickle=False) as npz:
                 arrays = {name: npz[name] for name in npz.files}
