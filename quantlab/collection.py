@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -143,7 +144,8 @@ def collect(
     """Histograms (signed, 2*bins bins over [-max|x|, +max|x|]) of every float activation tensor of `model`.
 
     `data` is a directory of .npy/.npz files, a CalibrationData, or a re-iterable of feeds {input name: array}.
-    `tensors` keeps only the names matching these globs. `progress(stage, samples)` is called after each batch.
+    `tensors` keeps only the names matching these globs. `threads` is ONNX Runtime's intra-op thread count (0: its
+    default). `progress(stage, samples)` is called after each batch.
     """
     if bins < 1:
         raise QuantlabError(f"--bins must be at least 1, got {bins}")
@@ -156,7 +158,7 @@ def collect(
 
     stats = _Stats(len(runner.names))
     dtypes: list[np.dtype | None] = [None] * len(runner.names)
-    samples = _run_pass(runner, data, "ranges", progress, lambda i, x: stats.update(i, x), dtypes)
+    samples = _run_pass(runner, data, "ranges", progress, stats.update, dtypes)
     if samples == 0:
         raise QuantlabError("the calibration data holds no samples")
     binners = [_ExactBins(stats.amax(i, dtypes[i]), 2 * bins, dtypes[i]) for i in range(len(runner.names))]
@@ -199,16 +201,31 @@ def _run_pass(
     consume: Callable[[int, np.ndarray], None],
     dtypes: list[np.dtype | None],
 ) -> int:
-    """One pass over the data: every selected tensor of every batch goes to `consume(index, values)`."""
+    """One pass over the data: every selected tensor of every batch goes to `consume(index, values)`.
+
+    Pipelined: a background thread loads batch k+1 and runs it in ONNX Runtime (which releases the GIL) while this
+    thread consumes batch k, so at most two batches of activations are alive at once.
+    """
+    batches = iter(data)
+
+    def infer_next() -> tuple[Batch, list[np.ndarray]] | None:
+        feed = next(batches, None)
+        return None if feed is None else (feed, runner.values(feed))
+
     samples = 0
-    try:
-        for feed in data:
-            for i, values in enumerate(runner.values(feed)):
-                dtypes[i] = dtypes[i] or values.dtype
-                consume(i, values)
-            samples += len(next(iter(feed.values())))
-            if progress:
-                progress(stage, samples)
-    except KeyboardInterrupt:
-        raise QuantlabInterrupted(f"interrupted during the {stage} pass after {samples} samples; nothing written") from None
+    with ThreadPoolExecutor(1) as producer:
+        try:
+            pending = producer.submit(infer_next)
+            while (item := pending.result()) is not None:
+                pending = producer.submit(infer_next)
+                feed, values = item
+                for i, array in enumerate(values):
+                    dtypes[i] = dtypes[i] or array.dtype
+                    consume(i, array)
+                samples += len(next(iter(feed.values())))
+                if progress:
+                    progress(stage, samples)
+        except KeyboardInterrupt:
+            pending.cancel()
+            raise QuantlabInterrupted(f"interrupted during the {stage} pass after {samples} samples; nothing written") from None
     return samples

@@ -109,7 +109,7 @@ def _format_by_extension(path: Path) -> ThresholdFormat:
 
 
 def detect_format(path: str | os.PathLike) -> str:
-    """Format name of an existing file: a TensorRT cache by its `TRT-` header (whatever the extension), else by extension."""
+    """Format of an existing file: a TensorRT cache by its `TRT-` header (whatever the extension), else by extension."""
     from quantlab.formats.trt_cache import looks_like_cache
 
     if looks_like_cache(read_bytes(path, 8)):
@@ -141,7 +141,8 @@ def write_thresholds(
     accepted = [p.name for p in inspect.signature(fmt.write).parameters.values() if p.kind is p.KEYWORD_ONLY]
     unknown = sorted(set(format_options) - set(accepted))
     if unknown:
-        raise QuantlabError(f"format {fmt.name!r} has no option {', '.join(unknown)} (options: {', '.join(accepted) or 'none'})")
+        options = ", ".join(accepted) or "none"
+        raise QuantlabError(f"format {fmt.name!r} has no option {', '.join(unknown)} (its options: {options})")
     fmt.write(path, thresholds, **format_options)
 
 
@@ -151,7 +152,7 @@ class DiffRow(NamedTuple):
     name: str
     amax_a: float | None
     amax_b: float | None
-    ratio: float | None  # amax_b / amax_a (1.0 when equal, inf when only amax_a is 0)
+    ratio: float | None  # amax_b / amax_a; 1.0 when equal (also 0 vs 0 and inf vs inf), inf when only amax_a is 0
 
     @property
     def missing(self) -> bool:
@@ -186,7 +187,7 @@ def _ratio(a: float, b: float) -> float:
 
 
 def diff_thresholds(a: Thresholds | Mapping[str, float], b: Thresholds | Mapping[str, float]) -> ThresholdDiff:
-    """Compare two threshold sets tensor by tensor: tensors missing on one side first, then by |log ratio| descending."""
+    """Compare two threshold sets per tensor: tensors missing on one side first, then by |log ratio| descending."""
     amax_a = a.amax if isinstance(a, Thresholds) else Thresholds(dict(a)).amax
     amax_b = b.amax if isinstance(b, Thresholds) else Thresholds(dict(b)).amax
     rows = []

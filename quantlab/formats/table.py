@@ -10,10 +10,12 @@ JSON has no infinity, so an infinite amax (possible in a TensorRT cache) cannot 
 
 ONNX Runtime table (`.flatbuffers`), the file the TensorRT execution provider reads through
 `trt_int8_calibration_table_name` when `trt_int8_use_native_calibration_table` is off: a flatbuffers `TrtTable` of
-`KeyValue(key=tensor name, value=decimal string)`. ORT's writer `quant_utils.write_calibration_table` stores
-`str(max(highest, lowest))` of each `TensorData` (float32 range), and the execution provider parses it with
-`std::stof` and sets the dynamic range to [-value, value]: the value is amax at float32 precision. We write through
-that same writer with the symmetric range (-amax, amax), so an amax comes back as float32(amax).
+`KeyValue(key=tensor name, value=decimal string)`. ORT's writer `quant_utils.write_calibration_table` takes a
+`TensorData` (float32 `lowest`/`highest`) per tensor and stores `str(max(highest, lowest))` (so for an asymmetric
+range it keeps `highest`, not max |x|); the execution provider parses it with `std::stof` and sets the dynamic range
+to [-value, value]. The value is therefore amax at float32 precision. We write through that same writer with the
+symmetric range (-amax, amax), so an amax comes back as float32(amax); its other outputs (calibration.json and a
+plain-text calibration.cache of `name value` lines) are discarded.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from quantlab.atomic import atomic_write
+from quantlab.atomic import atomic_write, check_writable
 from quantlab.errors import QuantlabError
 from quantlab.formats import Thresholds, read_bytes
 
@@ -94,7 +96,7 @@ def read_ort_table(path: str | os.PathLike) -> Thresholds:
 
     data = read_bytes(path)
     if len(data) < 8:
-        raise QuantlabError(f"{path}: {'empty file' if not data else 'too short'}, not an ONNX Runtime calibration table")
+        raise QuantlabError(f"{path}: {len(data)} bytes, too short for an ONNX Runtime calibration table")
     try:
         table = TrtTable.GetRootAs(data, 0)
         if table.DictLength() * 4 > len(data):
@@ -128,6 +130,7 @@ def write_ort_table(path: str | os.PathLike, thresholds: Thresholds) -> None:
     from onnxruntime.quantization.calibrate import TensorData
     from onnxruntime.quantization.quant_utils import write_calibration_table
 
+    check_writable(path)  # before any work, as every writer
     ranges = {}
     for name, amax in thresholds.amax.items():
         if math.isfinite(amax) and amax > _FLOAT32_MAX:

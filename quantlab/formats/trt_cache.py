@@ -11,7 +11,9 @@ scale = amax / 127. What real caches contain (examples in tests/fixtures/caches/
 - hex without zero padding (`0` for a zero scale), and infinite scales (`7f800000`);
 - names with spaces, brackets and colons (`(Unnamed Layer* 3) [Convolution]_output`, `input_1:0`,
   `onnx::MatMul_12_output`): the scale is whatever follows the last colon.
-CRLF line ends, a UTF-8 byte order mark, blank lines and a missing final newline are tolerated too.
+CRLF line ends, a UTF-8 byte order mark, blank lines and a missing final newline are tolerated too. (ONNX Runtime's
+TensorRT EP reads these caches splitting at the *first* colon, so give it the `.flatbuffers` table instead when
+tensor names contain colons.)
 
 Reading gives amax = scale * 127 in float64, which is exact, so writing it back (scale = float32(amax / 127))
 reproduces every scale bit for bit.
@@ -29,8 +31,9 @@ from quantlab.atomic import atomic_write
 from quantlab.errors import QuantlabError
 from quantlab.formats import Thresholds, read_bytes
 
-# TensorRT 10 is the last release line that builds engines from calibration caches (TensorRT 11 takes Q/DQ models
-# only), and 10.3.0 is what JetPack 6.1/6.2 ships, the platform where implicit INT8 calibration is still common.
+# TensorRT 10 is the last release line that builds engines from calibration caches (calibrators are deprecated since
+# 10.1; TensorRT 11 removed BuilderFlag.INT8 and int8_calibrator in favour of Q/DQ models), and 10.3.0 is what
+# JetPack 6.1/6.2 ships, where implicit INT8 calibration is still common; real caches with this header exist.
 # TensorRT ignores a cache whose header it does not accept, so pass the version of the TensorRT that will read it.
 DEFAULT_TRT_VERSION = "10.3.0"
 DEFAULT_ALGORITHM = "EntropyCalibration2"
@@ -75,12 +78,12 @@ def trt_version_name(code: int) -> str:
 def _header_metadata(header: str, path: str | os.PathLike) -> dict[str, Any]:
     if match := _HEADER.fullmatch(header):
         code = int(match[1])
-        return {"header": header, "trt_version": trt_version_name(code), "trt_version_code": code, "algorithm": match[2]}
+        return {"header": header, "trt_version": trt_version_name(code), "trt_version_code": code,
+                "algorithm": match[2]}
     if _LEGACY_HEADER.fullmatch(header):
         return {"header": header, "trt_version": None, "trt_version_code": None, "algorithm": None}
-    raise QuantlabError(
-        f"{path}:1: not a TensorRT calibration cache: expected a 'TRT-<version>-<algorithm>' header, got {_clip(header)}"
-    )
+    expected = "expected a 'TRT-<version>-<algorithm>' header"
+    raise QuantlabError(f"{path}:1: not a TensorRT calibration cache: {expected}, got {_clip(header)}")
 
 
 def _clip(text: str, width: int = 60) -> str:
@@ -108,7 +111,7 @@ def parse_cache(data: bytes, path: str | os.PathLike = "<cache>") -> Thresholds:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
-        raise QuantlabError(f"{path}:{line}: not UTF-8 text, not a TensorRT calibration cache") from None
+        raise QuantlabError(f"{path}:{line}: not UTF-8 text") from None
     lines = text.removeprefix(_BOM).split("\n")
     metadata = _header_metadata(lines[0].strip(), path)
     amax: dict[str, float] = {}
