@@ -19,6 +19,7 @@ import numpy as np
 from quantlab.data import Batch, CalibrationData
 from quantlab.errors import QuantlabError, QuantlabInterrupted, QuantlabRuntimeError
 from quantlab.histogram import Histogram, HistogramSet
+from quantlab.ranges import TensorRanges
 from quantlab.model import activation_tensors, create_session, file_sha256, input_specs, load_model, with_outputs
 
 Progress = Callable[[str, int], None]
@@ -33,40 +34,6 @@ def select_tensors(names: list[str], patterns: Sequence[str] | None) -> list[str
     if unmatched:
         raise QuantlabError(f"--tensors pattern(s) {', '.join(unmatched)} match no activation tensor of the model")
     return selected
-
-
-class _Stats:
-    """Running per-tensor statistics of the range pass."""
-
-    def __init__(self, size: int) -> None:
-        self.low: list[np.generic | None] = [None] * size
-        self.high: list[np.generic | None] = [None] * size
-        self.count = np.zeros(size, np.int64)
-        self.zeros = np.zeros(size, np.int64)
-        self.nans = np.zeros(size, np.int64)
-        self.infs = np.zeros(size, np.int64)
-
-    def update(self, i: int, values: np.ndarray) -> None:
-        if values.size == 0:
-            return
-        low, high = values.min(), values.max()
-        if not (np.isfinite(low) and np.isfinite(high)):
-            self.nans[i] += np.count_nonzero(np.isnan(values))
-            self.infs[i] += np.count_nonzero(np.isinf(values))
-            values = values[np.isfinite(values)]
-            if values.size == 0:
-                return
-            low, high = values.min(), values.max()
-        self.low[i] = low if self.low[i] is None else min(self.low[i], low)
-        self.high[i] = high if self.high[i] is None else max(self.high[i], high)
-        self.count[i] += values.size
-        self.zeros[i] += values.size - np.count_nonzero(values)
-
-    def amax(self, i: int, dtype: np.dtype) -> np.generic:
-        """max|x| as a scalar of the tensor's dtype, so the bin edges are those np.histogram computes for the data."""
-        if self.low[i] is None:
-            return dtype.type(0)
-        return max(abs(self.low[i]), abs(self.high[i]))
 
 
 def _as_float(values: np.ndarray) -> np.ndarray:
@@ -130,6 +97,57 @@ class _Runner:
         return [_as_float(feed[name] if name in feed else produced[name]) for name in self.names]
 
 
+def _open(
+    model: str | Path,
+    data: str | Path | CalibrationData | Iterable[Batch],
+    tensors: Sequence[str] | None,
+    threads: int,
+    batch_size: int | None,
+    limit: int | None,
+    shard: tuple[int, int] | None,
+) -> tuple[_Runner, Iterable[Batch], dict]:
+    """The session and the data of one collection run, with the data summary for the metadata."""
+    runner = _Runner(Path(model), tensors, threads)
+    if isinstance(data, (str, Path)):
+        data = CalibrationData(data, runner.inputs, batch_size=batch_size, limit=limit, shard=shard)
+    elif shard is not None:
+        raise QuantlabError("shard= needs a data directory or a CalibrationData, not an iterable of feeds")
+    summary = data.summary() if isinstance(data, CalibrationData) else {"source": type(data).__name__}
+    return runner, data, summary
+
+
+def _metadata(model: Path, runner: _Runner, summary: dict, samples: int, started: float) -> dict:
+    return {
+        "model_name": model.name,
+        "model_sha256": file_sha256(model),
+        "tensors": len(runner.names),
+        "data": {**summary, "samples": samples},
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def collect_ranges(
+    model: str | Path,
+    data: str | Path | CalibrationData | Iterable[Batch],
+    *,
+    batch_size: int | None = None,
+    limit: int | None = None,
+    shard: tuple[int, int] | None = None,
+    tensors: Sequence[str] | None = None,
+    threads: int = 0,
+    progress: Progress | None = None,
+) -> TensorRanges:
+    """The range pass alone: per-tensor min, max and counts over the data (or one shard of it)."""
+    started = time.perf_counter()
+    runner, data, summary = _open(model, data, tensors, threads, batch_size, limit, shard)
+    ranges = TensorRanges(runner.names)
+    samples = _run_pass(runner, data, "ranges", progress, ranges.update)
+    if samples == 0:
+        raise QuantlabError("the calibration data holds no samples")
+    ranges.metadata = _metadata(Path(model), runner, summary, samples, started)
+    return ranges
+
+
 def collect(
     model: str | Path,
     data: str | Path | CalibrationData | Iterable[Batch],
@@ -138,59 +156,69 @@ def collect(
     batch_size: int | None = None,
     limit: int | None = None,
     tensors: Sequence[str] | None = None,
+    ranges: TensorRanges | str | Path | None = None,
+    shard: tuple[int, int] | None = None,
     threads: int = 0,
     progress: Progress | None = None,
 ) -> HistogramSet:
     """Histograms (signed, 2*bins bins over [-max|x|, +max|x|]) of every float activation tensor of `model`.
 
     `data` is a directory of .npy/.npz files, a CalibrationData, or a re-iterable of feeds {input name: array}.
-    `tensors` keeps only the names matching these globs. `threads` is ONNX Runtime's intra-op thread count (0: its
-    default). `progress(stage, samples)` is called after each batch.
+    `tensors` keeps only the names matching these globs; `threads` is ONNX Runtime's intra-op thread count (0: its
+    default); `progress(stage, samples)` is called after each batch. Without `ranges`, a range pass over the data
+    comes first. With `ranges` (from `collect_ranges` over the whole data set, or its file), only the histogram pass
+    runs, here over the `shard=(i, n)` slice of the data: the parts then merge exactly (`HistogramSet.merge`).
     """
     if bins < 1:
         raise QuantlabError(f"--bins must be at least 1, got {bins}")
-    model_path = Path(model)
-    runner = _Runner(model_path, tensors, threads)
-    if isinstance(data, (str, Path)):
-        data = CalibrationData(data, runner.inputs, batch_size=batch_size, limit=limit)
-    summary = data.summary() if isinstance(data, CalibrationData) else {"source": type(data).__name__}
     started = time.perf_counter()
-
-    stats = _Stats(len(runner.names))
-    dtypes: list[np.dtype | None] = [None] * len(runner.names)
-    samples = _run_pass(runner, data, "ranges", progress, stats.update, dtypes)
-    if samples == 0:
-        raise QuantlabError("the calibration data holds no samples")
-    binners = [_ExactBins(stats.amax(i, dtypes[i]), 2 * bins, dtypes[i]) for i in range(len(runner.names))]
+    runner, data, summary = _open(model, data, tensors, threads, batch_size, limit, shard)
+    if ranges is None:
+        ranges = TensorRanges(runner.names)
+        if _run_pass(runner, data, "ranges", progress, ranges.update) == 0:
+            raise QuantlabError("the calibration data holds no samples")
+        seen = ranges
+    else:
+        ranges = _check_ranges(ranges, runner, Path(model))
+        seen = TensorRanges(runner.names)
+    binners = [_ExactBins(ranges.amax(i), 2 * bins, ranges.dtypes[i]) for i in range(len(runner.names))]
 
     def add(i: int, values: np.ndarray) -> None:
-        if stats.nans[i] or stats.infs[i]:
+        if seen is not ranges:
+            seen.update(i, values)
+            if seen.low[i] is not None and max(abs(seen.low[i]), abs(seen.high[i])) > ranges.amax(i):
+                raise QuantlabError(
+                    f"tensor {runner.names[i]!r} has values beyond the given ranges (max|x| {float(seen.amax(i)):.6g} > "
+                    f"{float(ranges.amax(i)):.6g}): collect the ranges over the same data"
+                )
+        if ranges.has_nonfinite(i):
             values = values[np.isfinite(values)]
         binners[i].add(values)
 
-    _run_pass(runner, data, "histograms", progress, add, dtypes)
-
-    histograms = {}
-    for i, name in enumerate(runner.names):
-        histograms[name] = Histogram(
-            binners[i].counts,
-            binners[i].edges,
-            min=None if stats.low[i] is None else float(stats.low[i]),
-            max=None if stats.high[i] is None else float(stats.high[i]),
-            count=int(stats.count[i]),
-            zero_count=int(stats.zeros[i]),
-            nan_count=int(stats.nans[i]),
-            inf_count=int(stats.infs[i]),
-        )
+    samples = _run_pass(runner, data, "histograms", progress, add)
+    if samples == 0:
+        raise QuantlabError("the calibration data holds no samples")
+    histograms = {
+        name: Histogram(binners[i].counts, binners[i].edges, **seen.stats(i)) for i, name in enumerate(runner.names)
+    }
     metadata = {
         "bins": bins,
         "collection": "exact: range pass then histogram pass over [-max|x|, +max|x|], signed, 2*bins bins",
-        "model_name": model_path.name,
-        "model_sha256": file_sha256(model_path),
-        "data": {**summary, "samples": samples},
-        "seconds": round(time.perf_counter() - started, 3),
+        "ranges_digest": ranges.digest(),
+        **_metadata(Path(model), runner, summary, samples, started),
     }
     return HistogramSet(histograms, metadata)
+
+
+def _check_ranges(ranges: TensorRanges | str | Path, runner: _Runner, model: Path) -> TensorRanges:
+    """Ranges loaded (from a file) and checked against this model and tensor selection."""
+    if not isinstance(ranges, TensorRanges):
+        ranges = TensorRanges.load(ranges)
+    if ranges.metadata.get("model_sha256") not in (None, file_sha256(model)):
+        raise QuantlabError(f"the ranges were collected on another model (not {model.name})")
+    if ranges.names != runner.names:
+        raise QuantlabError("the ranges hold other tensors than this run (another --tensors filter?)")
+    return ranges
 
 
 def _run_pass(
@@ -199,7 +227,6 @@ def _run_pass(
     stage: str,
     progress: Progress | None,
     consume: Callable[[int, np.ndarray], None],
-    dtypes: list[np.dtype | None],
 ) -> int:
     """One pass over the data: every selected tensor of every batch goes to `consume(index, values)`.
 
@@ -220,7 +247,6 @@ def _run_pass(
                 pending = producer.submit(infer_next)
                 feed, values = item
                 for i, array in enumerate(values):
-                    dtypes[i] = dtypes[i] or array.dtype
                     consume(i, array)
                 samples += len(next(iter(feed.values())))
                 if progress:

@@ -62,7 +62,8 @@ class CalibrationData:
     """The calibration set of one model: every file checked against the model's inputs before anything runs.
 
     Iterating yields feeds `{input name: array}` of `batch_size` samples (the last one may be smaller); with
-    `batch_size=None` each file is one feed, as stored. `limit` stops after that many samples.
+    `batch_size=None` each file is one feed, as stored. `limit` stops after that many samples. `shard=(i, n)` keeps
+    the i-th of n contiguous, near-equal slices of those samples (for collecting in several processes).
     """
 
     def __init__(
@@ -71,6 +72,7 @@ class CalibrationData:
         inputs: list[InputSpec],
         batch_size: int | None = None,
         limit: int | None = None,
+        shard: tuple[int, int] | None = None,
     ) -> None:
         self.directory = Path(directory)
         self.inputs = inputs
@@ -83,7 +85,16 @@ class CalibrationData:
         self._check_batch_dims()
         self._plans = self._scan()
         available = sum(plan.samples for plan in self._plans)
-        self.num_samples = min(available, limit) if limit else available
+        total = min(available, limit) if limit else available
+        self.shard = shard
+        if shard is None:
+            self.start, self.stop = 0, total
+        else:
+            index, count = shard
+            if not (count >= 1 and 0 <= index < count):
+                raise QuantlabError(f"--shard {index}/{count}: expected I/N with 0 <= I < N")
+            self.start, self.stop = index * total // count, (index + 1) * total // count
+        self.num_samples = self.stop - self.start
 
     def _check_batch_dims(self) -> None:
         for spec in self.inputs:
@@ -148,6 +159,7 @@ class CalibrationData:
             "directory": str(self.directory),
             "files": len(self._plans),
             "samples": self.num_samples,
+            "shard": list(self.shard) if self.shard else None,
             "batch_size": self.batch_size,
             "inputs": [spec.describe() for spec in self.inputs],
         }
@@ -165,24 +177,25 @@ class CalibrationData:
         return self.num_samples
 
     def __iter__(self) -> Iterator[Batch]:
-        remaining = self.num_samples
         pending: list[Batch] = []
         pending_samples = 0
+        offset = 0  # index of the first sample of the current file
         for plan in self._plans:
-            if remaining <= 0:
-                break
-            arrays = self._load(plan)
-            take = min(plan.samples, remaining)
-            remaining -= take
-            if self.batch_size is None:
-                yield {name: np.ascontiguousarray(a[:take]) for name, a in arrays.items()}
+            begin, end = max(self.start - offset, 0), min(self.stop - offset, plan.samples)
+            offset += plan.samples
+            if begin >= end:
+                if offset >= self.stop:
+                    break
                 continue
-            start = 0
-            while start < take:
-                step = min(self.batch_size - pending_samples, take - start)
-                pending.append({name: a[start : start + step] for name, a in arrays.items()})
+            arrays = self._load(plan)
+            if self.batch_size is None:
+                yield {name: np.ascontiguousarray(a[begin:end]) for name, a in arrays.items()}
+                continue
+            while begin < end:
+                step = min(self.batch_size - pending_samples, end - begin)
+                pending.append({name: a[begin : begin + step] for name, a in arrays.items()})
                 pending_samples += step
-                start += step
+                begin += step
                 if pending_samples == self.batch_size:
                     yield _concat(pending)
                     pending, pending_samples = [], 0

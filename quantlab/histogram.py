@@ -185,10 +185,22 @@ class HistogramSet(Mapping):
 
     @classmethod
     def merge(cls, parts: Iterable[HistogramSet]) -> HistogramSet:
-        """Add the counts of histogram sets collected over the same ranges (exact: counts are additive)."""
+        """Add the counts of parts collected over the same ranges (exact: counts are additive).
+
+        Parts must come from the same model, bins and ranges (`collect(..., ranges=...)`); a shard given twice is
+        refused, since its samples would count double.
+        """
         parts = list(parts)
         if not parts:
             raise QuantlabError("nothing to merge")
+        for key, what in (("model_sha256", "models"), ("bins", "bin counts"), ("ranges_digest", "ranges")):
+            values = {str(part.metadata.get(key)) for part in parts}
+            if len(values) > 1:
+                raise QuantlabError(f"cannot merge histograms of different {what}; collect every part with the same --ranges")
+        shards = [tuple(s) for part in parts if (s := part.metadata.get("data", {}).get("shard"))]
+        if len(shards) != len(set(shards)):
+            twice = next(s for s in shards if shards.count(s) > 1)
+            raise QuantlabError(f"shard {twice[0]}/{twice[1]} is given more than once")
         names = list(parts[0])
         for i, part in enumerate(parts[1:], start=1):
             if list(part) != names:
@@ -199,7 +211,13 @@ class HistogramSet(Mapping):
             if any(h.bins != hists[0].bins or not np.array_equal(h.edges, hists[0].edges) for h in hists):
                 raise QuantlabError(f"tensor {name!r} was histogrammed over different ranges in different parts")
             merged[name] = Histogram(sum(h.counts for h in hists), hists[0].edges, **_combine_stats(hists))
-        return cls(merged, dict(parts[0].metadata))
+        metadata = dict(parts[0].metadata)
+        metadata["data"] = {
+            "merged_parts": len(parts),
+            "samples": sum(part.metadata.get("data", {}).get("samples", 0) for part in parts),
+            "shards": sorted(shards),
+        }
+        return cls(merged, metadata)
 
 
 def load_histograms(path: str | Path) -> HistogramSet:

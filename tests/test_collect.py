@@ -96,13 +96,42 @@ def test_histogram_file_round_trip_and_merge(demo_histograms, tmp_path):
         np.testing.assert_array_equal(loaded[name].counts, hist.counts)
         np.testing.assert_array_equal(loaded[name].edges, hist.edges)
         assert loaded[name].stats() == hist.stats()
-    doubled = quantlab.HistogramSet.merge([loaded, demo_histograms])
-    name = "logits"
-    np.testing.assert_array_equal(doubled[name].counts, 2 * demo_histograms[name].counts)
-    assert doubled[name].count == 2 * demo_histograms[name].count
     other = quantlab.collect(DEMO_MODEL, CALIB_DIR, limit=32)
     with pytest.raises(QuantlabError, match="different ranges"):
         quantlab.HistogramSet.merge([demo_histograms, other])
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_shards_over_shared_ranges_merge_to_the_single_process_histograms(demo_histograms, tmp_path, count):
+    ranges_file = quantlab.collect_ranges(DEMO_MODEL, CALIB_DIR).save(tmp_path / "ranges.npz")
+    parts = [
+        quantlab.collect(DEMO_MODEL, CALIB_DIR, ranges=ranges_file, shard=(i, count), batch_size=13).save(tmp_path / f"p{i}.npz")
+        for i in range(count)
+    ]
+    merged = quantlab.HistogramSet.merge(quantlab.load_histograms(p) for p in parts)
+    assert merged.metadata["data"]["samples"] == 320 and merged.metadata["data"]["shards"] == [(i, count) for i in range(count)]
+    for name, hist in demo_histograms.items():
+        np.testing.assert_array_equal(merged[name].counts, hist.counts)
+        np.testing.assert_array_equal(merged[name].edges, hist.edges)
+        assert merged[name].stats() == hist.stats()
+    first = quantlab.load_histograms(parts[0])
+    with pytest.raises(QuantlabError, match="shard 0/%d is given more than once" % count):
+        quantlab.HistogramSet.merge([first, first])
+
+
+def test_merge_refuses_parts_of_other_models_or_ranges(demo_histograms, tmp_path):
+    ranges = quantlab.collect_ranges(DEMO_MODEL, CALIB_DIR, limit=64)
+    part = quantlab.collect(DEMO_MODEL, CALIB_DIR, ranges=ranges, shard=(0, 2), limit=64)
+    with pytest.raises(QuantlabError, match="different ranges"):
+        quantlab.HistogramSet.merge([demo_histograms, part])
+    with pytest.raises(QuantlabError, match="beyond the given ranges"):
+        quantlab.collect(DEMO_MODEL, CALIB_DIR, ranges=ranges, shard=(1, 2))
+    coarse = quantlab.collect(DEMO_MODEL, CALIB_DIR, bins=128)
+    with pytest.raises(QuantlabError, match="different bin counts"):
+        quantlab.HistogramSet.merge([demo_histograms, coarse])
+    model = save_multi_input_model(tmp_path / "multi.onnx")
+    with pytest.raises(QuantlabError, match="another model"):
+        quantlab.collect(model, save_multi_input_data(tmp_path / "data"), ranges=ranges)
 
 
 def test_fold_gives_the_abs_histogram(demo_activations, demo_histograms):

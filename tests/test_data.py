@@ -83,3 +83,19 @@ def test_several_inputs_need_npz_keyed_by_name(tmp_path):
     np.save(data / "zz.npy", np.zeros((1, 4), np.float32))
     with pytest.raises(QuantlabError, match="several inputs"):
         CalibrationData(data, specs)
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 7])
+@pytest.mark.parametrize("batch_size", [None, 16])
+def test_shards_partition_the_samples_in_order(demo_inputs, count, batch_size):
+    parts = []
+    for index in range(count):
+        shard = CalibrationData(CALIB_DIR, demo_inputs, batch_size=batch_size, limit=300, shard=(index, count))
+        parts.extend(feed["input"] for feed in shard)
+        assert abs(len(shard) - 300 / count) < 1
+    np.testing.assert_array_equal(np.concatenate(parts), stored_samples()[:300])
+
+
+def test_bad_shard_is_rejected(demo_inputs):
+    with pytest.raises(QuantlabError, match="--shard 2/2"):
+        CalibrationData(CALIB_DIR, demo_inputs, shard=(2, 2))

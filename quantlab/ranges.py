@@ -1,0 +1,153 @@
+"""Per-tensor ranges: what collect's first pass finds, and the file that lets shards share it.
+
+Histograms of several shards add up exactly to the histogram of all the data only when every shard bins over the same
+range; `quantlab collect --ranges-only` writes that range once, and each `--shard I/N` run reads it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zipfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quantlab.atomic import atomic_write
+from quantlab.errors import QuantlabError
+
+FORMAT_NAME = "quantlab-ranges"
+FORMAT_VERSION = 1
+
+
+class TensorRanges:
+    """Running min, max and counts (values, zeros, NaN, Inf) of each tensor's values, finite values only for min/max.
+
+    min and max are kept as scalars of the tensor's own dtype, so that the histogram edges built from them are the
+    ones np.histogram computes for that data.
+    """
+
+    def __init__(self, names: list[str], metadata: dict[str, Any] | None = None) -> None:
+        size = len(names)
+        self.names = list(names)
+        self.metadata = dict(metadata or {})
+        self.dtypes: list[np.dtype | None] = [None] * size
+        self.low: list[np.generic | None] = [None] * size
+        self.high: list[np.generic | None] = [None] * size
+        self.count = np.zeros(size, np.int64)
+        self.zeros = np.zeros(size, np.int64)
+        self.nans = np.zeros(size, np.int64)
+        self.infs = np.zeros(size, np.int64)
+
+    def update(self, i: int, values: np.ndarray) -> None:
+        """Add one batch of tensor i's values (flat, float)."""
+        self.dtypes[i] = self.dtypes[i] or values.dtype
+        if values.size == 0:
+            return
+        low, high = values.min(), values.max()
+        if not (np.isfinite(low) and np.isfinite(high)):
+            self.nans[i] += np.count_nonzero(np.isnan(values))
+            self.infs[i] += np.count_nonzero(np.isinf(values))
+            values = values[np.isfinite(values)]
+            if values.size == 0:
+                return
+            low, high = values.min(), values.max()
+        self._extend(i, low, high)
+        self.count[i] += values.size
+        self.zeros[i] += values.size - np.count_nonzero(values)
+
+    def _extend(self, i: int, low: np.generic, high: np.generic) -> None:
+        self.low[i] = low if self.low[i] is None else min(self.low[i], low)
+        self.high[i] = high if self.high[i] is None else max(self.high[i], high)
+
+    def amax(self, i: int) -> np.generic:
+        """max|x| of tensor i as a scalar of its dtype (0 when it had no finite value)."""
+        if self.low[i] is None:
+            return (self.dtypes[i] or np.dtype(np.float32)).type(0)
+        return max(abs(self.low[i]), abs(self.high[i]))
+
+    def digest(self) -> str:
+        """A fingerprint of the binning ranges: histogram parts merge exactly only when theirs are equal."""
+        text = json.dumps([self.names, [str(d) for d in self.dtypes], [repr(self.amax(i)) for i in range(len(self.names))]])
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def has_nonfinite(self, i: int) -> bool:
+        return bool(self.nans[i] or self.infs[i])
+
+    def stats(self, i: int) -> dict[str, Any]:
+        """Keyword arguments for Histogram: min, max and the counts of tensor i."""
+        return {
+            "min": None if self.low[i] is None else float(self.low[i]),
+            "max": None if self.high[i] is None else float(self.high[i]),
+            "count": int(self.count[i]),
+            "zero_count": int(self.zeros[i]),
+            "nan_count": int(self.nans[i]),
+            "inf_count": int(self.infs[i]),
+        }
+
+    @classmethod
+    def merge(cls, parts: Iterable[TensorRanges]) -> TensorRanges:
+        """Ranges of all the parts' data together: min of mins, max of maxes, counts added."""
+        parts = list(parts)
+        if not parts:
+            raise QuantlabError("nothing to merge")
+        merged = cls(parts[0].names, parts[0].metadata)
+        for part in parts:
+            if part.names != merged.names:
+                raise QuantlabError("cannot merge ranges of different tensors (another model or --tensors filter?)")
+            for i in range(len(merged.names)):
+                merged.dtypes[i] = merged.dtypes[i] or part.dtypes[i]
+                if part.low[i] is not None:
+                    merged._extend(i, part.low[i], part.high[i])
+            for counter in ("count", "zeros", "nans", "infs"):
+                getattr(merged, counter)[:] += getattr(part, counter)
+        return merged
+
+    def save(self, path: str | Path) -> Path:
+        """Write the ranges as one `.npz` (no pickle), atomically."""
+        arrays = {
+            "meta": np.array(json.dumps({"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **self.metadata})),
+            "names": np.array(self.names, dtype=str),
+            "dtypes": np.array([str(d or "float32") for d in self.dtypes], dtype=str),
+            "min": np.array([np.nan if v is None else float(v) for v in self.low]),
+            "max": np.array([np.nan if v is None else float(v) for v in self.high]),
+            "count": self.count,
+            "zeros": self.zeros,
+            "nans": self.nans,
+            "infs": self.infs,
+        }
+        with atomic_write(path) as handle:
+            np.savez(handle, **arrays)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> TensorRanges:
+        """Read a ranges file written by `quantlab collect --ranges-only`."""
+        path = Path(path)
+        if not path.is_file():
+            raise QuantlabError(f"{path}: ranges file not found")
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                arrays = {key: npz[key] for key in npz.files}
+            meta = json.loads(str(arrays["meta"]))
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
+            raise QuantlabError(f"{path}: not a quantlab ranges file") from None
+        if not isinstance(meta, dict) or meta.pop("format", None) != FORMAT_NAME:
+            raise QuantlabError(f"{path}: not a quantlab ranges file")
+        if meta.pop("format_version", None) != FORMAT_VERSION:
+            raise QuantlabError(f"{path}: ranges format version is not {FORMAT_VERSION}; collect the ranges again")
+        try:
+            names = [str(n) for n in arrays["names"]]
+            ranges = cls(names, meta)
+            for i, dtype in enumerate(arrays["dtypes"]):
+                ranges.dtypes[i] = np.dtype(str(dtype))
+                if not np.isnan(arrays["min"][i]):
+                    ranges.low[i] = ranges.dtypes[i].type(arrays["min"][i])
+                    ranges.high[i] = ranges.dtypes[i].type(arrays["max"][i])
+            for counter in ("count", "zeros", "nans", "infs"):
+                getattr(ranges, counter)[:] = arrays[counter]
+        except (KeyError, ValueError, TypeError, IndexError):
+            raise QuantlabError(f"{path}: ranges file is incomplete or corrupt") from None
+        return ranges
