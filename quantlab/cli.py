@@ -76,36 +76,88 @@ def _warn_nonfinite(histograms) -> None:
             )
 
 
+def _parse_shard(value: Optional[str]) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    index, _, count = value.partition("/")
+    if not (index.isdigit() and count.isdigit()):
+        raise QuantlabError(f"--shard {value}: expected I/N, e.g. 0/4")
+    return int(index), int(count)
+
+
 @app.command()
 def collect(
     model: Path = typer.Argument(..., help="FP32 ONNX model."),
     data: Path = typer.Option(..., "--data", "-d", help="Directory of .npy (single input) or .npz (keyed by input name) files."),
-    out: Path = typer.Option(Path("histograms.npz"), "--out", "-o", help="Histogram file to write."),
+    out: Path = typer.Option(Path("histograms.npz"), "--out", "-o", help="Histogram file (or ranges file with --ranges-only) to write."),
     bins: int = typer.Option(2048, "--bins", help="Bins of |x| per tensor (the signed histogram has twice as many)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Samples per inference run (default: as stored per file)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N samples."),
     tensors: Optional[list[str]] = typer.Option(None, "--tensors", "-t", help="Only tensors matching these globs (repeat or comma-separate)."),
+    ranges_only: bool = typer.Option(False, "--ranges-only", help="Run the range pass alone and write the ranges file."),
+    ranges: Optional[Path] = typer.Option(None, "--ranges", help="Ranges file from --ranges-only: run only the histogram pass."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="I/N: only the I-th of N slices of the data (with --ranges)."),
+    workers: int = typer.Option(1, "--workers", "-w", help="Run the shards in N local processes and merge."),
+    ray: Optional[str] = typer.Option(None, "--ray", help="Run the shards as Ray tasks: a cluster address, 'auto', or 'local'."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Stream every float activation tensor of MODEL over the data into exact histograms."""
     from quantlab.atomic import check_writable
-    from quantlab.collection import collect as collect_histograms
     from quantlab.data import CalibrationData
     from quantlab.model import input_specs, load_model
 
     check_writable(out)
     if bins < 1:
         raise QuantlabError(f"--bins must be at least 1, got {bins}")
-    calibration = CalibrationData(data, input_specs(load_model(model)), batch_size=batch_size, limit=limit)
+    shard_index = _parse_shard(shard)
+    if shard_index and not (ranges or ranges_only):
+        raise QuantlabError("--shard needs --ranges (shards merge exactly only over shared ranges) or --ranges-only")
+    if (workers > 1 or ray) and (shard_index or ranges or ranges_only):
+        raise QuantlabError("--workers/--ray run every shard themselves; leave out --shard, --ranges and --ranges-only")
+    calibration = CalibrationData(data, input_specs(load_model(model)), batch_size=batch_size, limit=limit, shard=shard_index)
+    options = dict(batch_size=batch_size, limit=limit, tensors=_split_patterns(tensors))
     with _progress(len(calibration), quiet) as progress:
-        histograms = collect_histograms(model, calibration, bins=bins, tensors=_split_patterns(tensors), progress=progress)
-    histograms.save(out)
-    _warn_nonfinite(histograms)
-    meta = histograms.metadata
+        if ranges_only:
+            from quantlab.collection import collect_ranges
+
+            result = collect_ranges(model, calibration, tensors=options["tensors"], progress=progress)
+        elif workers > 1 or ray:
+            from quantlab.shards import collect_parallel
+
+            address = None if ray in (None, "local") else ray
+            result = collect_parallel(
+                model, data, max(workers, 1), bins=bins, ray_address=address, use_ray=bool(ray), progress=progress, **options
+            )
+        else:
+            from quantlab.collection import collect as collect_histograms
+
+            result = collect_histograms(
+                model, calibration, bins=bins, tensors=options["tensors"], ranges=ranges, progress=progress
+            )
+    result.save(out)
+    samples = result.metadata["data"]["samples"]
+    if ranges_only:
+        _console().print(f"wrote {out}: ranges of {len(result.names)} tensors from {samples} samples")
+        return
+    _warn_nonfinite(result)
     _console().print(
-        f"wrote {out}: {len(histograms)} tensors x {bins} bins of |x| from {meta['data']['samples']} samples "
-        f"in {meta['seconds']:.2f} s"
+        f"wrote {out}: {len(result)} tensors x {bins} bins of |x| from {samples} samples in {result.metadata['seconds']:.2f} s"
     )
+
+
+@app.command()
+def merge(
+    parts: list[Path] = typer.Argument(..., help="Histogram files collected with the same --ranges (e.g. part-*.npz)."),
+    out: Path = typer.Option(Path("histograms.npz"), "--out", "-o", help="Merged histogram file to write."),
+) -> None:
+    """Add up histogram parts collected over shared ranges: exactly the single-process histograms."""
+    from quantlab.atomic import check_writable
+    from quantlab.histogram import HistogramSet, load_histograms
+
+    check_writable(out)
+    merged = HistogramSet.merge(load_histograms(part) for part in parts)
+    merged.save(out)
+    _console().print(f"wrote {out}: {len(merged)} tensors from {len(parts)} parts, {merged.metadata['data']['samples']} samples")
 
 
 @app.command()

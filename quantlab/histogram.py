@@ -211,7 +211,7 @@ class HistogramSet(Mapping):
             if any(h.bins != hists[0].bins or not np.array_equal(h.edges, hists[0].edges) for h in hists):
                 raise QuantlabError(f"tensor {name!r} was histogrammed over different ranges in different parts")
             merged[name] = Histogram(sum(h.counts for h in hists), hists[0].edges, **_combine_stats(hists))
-        metadata = dict(parts[0].metadata)
+        metadata = {key: value for key, value in parts[0].metadata.items() if key != "seconds"}
         metadata["data"] = {
             "merged_parts": len(parts),
             "samples": sum(part.metadata.get("data", {}).get("samples", 0) for part in parts),

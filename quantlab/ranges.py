@@ -103,6 +103,8 @@ class TensorRanges:
                     merged._extend(i, part.low[i], part.high[i])
             for counter in ("count", "zeros", "nans", "infs"):
                 getattr(merged, counter)[:] += getattr(part, counter)
+        samples = sum(part.metadata.get("data", {}).get("samples", 0) for part in parts)
+        merged.metadata["data"] = {**merged.metadata.get("data", {}), "samples": samples, "shard": None, "merged_parts": len(parts)}
         return merged
 
     def save(self, path: str | Path) -> Path:
