@@ -1,0 +1,87 @@
+"""Figures of histograms, thresholds and drift, for notebooks and design reviews.
+
+Every function returns a matplotlib Figure and draws into `ax` when one is given. Figures are built without pyplot
+(no global state, no backend choice), and matplotlib is imported only when a function is called.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from quantlab.histogram import Histogram
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+
+def _axes(ax: Axes | None, size: tuple[float, float] = (8, 4)) -> Axes:
+    if ax is not None:
+        return ax
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=size, layout="constrained")
+    return figure.add_subplot()
+
+
+def clipped_fraction(hist: Histogram, amax: float) -> float:
+    """Share of the values with |x| beyond `amax` (bins wholly above it): what a threshold saturates."""
+    folded = hist.fold()
+    total = folded.total
+    return 0.0 if total == 0 else float(folded.counts[folded.edges[:-1] >= amax].sum() / total)
+
+
+def plot_histogram(
+    hist: Histogram,
+    thresholds: Mapping[str, float] | None = None,
+    *,
+    log: bool = True,
+    signed: bool = False,
+    title: str | None = None,
+    ax: Axes | None = None,
+) -> Figure:
+    """The |x| histogram (or the signed one) as steps, each threshold a labelled vertical line with its clipped mass."""
+    ax = _axes(ax)
+    shown = hist if signed else hist.fold()
+    ax.stairs(shown.counts, shown.edges, fill=True, alpha=0.6, color="tab:blue", label="counts")
+    colors = iter(["tab:red", "tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive"])
+    for name, amax in (thresholds or {}).items():
+        color = next(colors, "black")
+        label = f"{name}: {amax:.4g} (clips {clipped_fraction(hist, amax):.3%})"
+        ax.axvline(amax, color=color, linestyle="--", label=label)
+        if signed:
+            ax.axvline(-amax, color=color, linestyle="--")
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("x" if signed else "|x|")
+    ax.set_ylabel("count")
+    ax.set_title(title or f"{hist.bins} bins, max|x| = {hist.amax:.4g}")
+    ax.legend(loc="upper right", fontsize="small")
+    return ax.figure
+
+
+def plot_threshold_comparison(tables: Mapping[str, Mapping[str, float]], *, ax: Axes | None = None) -> Figure:
+    """amax per tensor (x: tensors in the first table's order) for several methods or caches, one marker series each."""
+    if not tables:
+        raise ValueError("plot_threshold_comparison needs at least one table")
+    names = list(next(iter(tables.values())))
+    for table in list(tables.values())[1:]:
+        names += [name for name in table if name not in names]
+    ax = _axes(ax, size=(max(8.0, 0.35 * len(names)), 4.5))
+    positions = np.arange(len(names))
+    for label, table in tables.items():
+        values = np.array([table.get(name, np.nan) for name in names], dtype=float)
+        ax.plot(positions, values, marker="o", linestyle="-", linewidth=0.8, label=label)
+    ax.set_xticks(positions, [_short(name) for name in names], rotation=75, fontsize="x-small")
+    ax.set_ylabel("amax")
+    ax.set_yscale("log")
+    ax.set_title("thresholds per tensor")
+    ax.legend(fontsize="small")
+    return ax.figure
+
+
+def _short(name: str, width: int = 28) -> str:
+    return name if len(name) <= width else "…" + name[-(width - 1) :]
