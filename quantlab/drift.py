@@ -1,0 +1,247 @@
+"""Per-layer accuracy drift between an FP32 model and its INT8 (Q/DQ) version, run side by side on the same inputs.
+
+The INT8 side is the Q/DQ model as ONNX Runtime really runs it: the model is first optimized by ORT (which fuses
+DequantizeLinear -> Conv -> QuantizeLinear into QLinearConv and friends), then the tensors that survive the fusion
+are exposed, so observing them does not undo the INT8 kernels. An FP32 tensor X is compared with
+`X_DequantizeLinear_Output` (X as the INT8 engine carries it) where that exists, else with X itself where the INT8
+graph still computes it in float; tensors fused away entirely (e.g. a MaxPool on int8 data) are not observable.
+
+Metrics accumulate as running sums over the data set, so memory does not grow with it:
+SQNR = 10 log10(sum x^2 / sum (x - y)^2), cosine = sum xy / sqrt(sum x^2 sum y^2),
+relative error = sqrt(sum (x - y)^2 / sum x^2), max abs error = max |x - y|.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from quantlab.atomic import atomic_write
+from quantlab.data import Batch, CalibrationData
+from quantlab.errors import QuantlabError, QuantlabRuntimeError
+from quantlab.model import activation_tensors, create_session, input_specs, load_model, producers, with_outputs
+
+DEQUANTIZED_SUFFIX = "_DequantizeLinear_Output"
+
+
+@dataclass
+class TensorDrift:
+    """Drift of one tensor over the whole data set."""
+
+    name: str
+    op_type: str
+    sqnr_db: float
+    cosine: float
+    rel_err: float
+    max_abs_err: float
+    values: int
+
+
+class _Sums:
+    """Running sums of one tensor pair (reference x, quantized y), in float64."""
+
+    def __init__(self) -> None:
+        self.xx = self.yy = self.xy = self.ee = 0.0
+        self.max_abs = 0.0
+        self.values = 0
+
+    def add(self, reference: np.ndarray, observed: np.ndarray) -> None:
+        if reference.shape != observed.shape:
+            raise QuantlabRuntimeError(f"shape mismatch between FP32 {reference.shape} and INT8 {observed.shape} tensors")
+        x = reference.astype(np.float64).ravel()
+        y = observed.astype(np.float64).ravel()
+        error = x - y
+        self.xx += float(x @ x)
+        self.yy += float(y @ y)
+        self.xy += float(x @ y)
+        self.ee += float(error @ error)
+        self.max_abs = max(self.max_abs, float(np.max(np.abs(error), initial=0.0)))
+        self.values += x.size
+
+    def result(self, name: str, op_type: str) -> TensorDrift:
+        sqnr = math.inf if self.ee == 0 else (10 * math.log10(self.xx / self.ee) if self.xx > 0 else -math.inf)
+        if self.xx == 0 or self.yy == 0:
+            cosine = 1.0 if self.xx == self.yy else 0.0
+        else:
+            cosine = self.xy / math.sqrt(self.xx * self.yy)
+        rel = 0.0 if self.ee == 0 else (math.sqrt(self.ee / self.xx) if self.xx > 0 else math.inf)
+        return TensorDrift(name, op_type, sqnr, cosine, rel, self.max_abs, self.values)
+
+
+@dataclass
+class DriftReport:
+    """Drift of every observable activation tensor (graph order) and of the final outputs, plus top-1 if labelled."""
+
+    layers: list[TensorDrift]
+    final: dict[str, Any]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def worst_first(self) -> list[TensorDrift]:
+        return sorted(self.layers, key=lambda layer: layer.sqnr_db)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "metadata": self.metadata,
+            "layers": [_finite(asdict(layer)) for layer in self.worst_first()],
+            "final": {
+                "outputs": [_finite(asdict(o)) for o in self.final["outputs"]],
+                **{k: v for k, v in self.final.items() if k != "outputs"},
+            },
+        }
+
+    def save_json(self, path: str | Path) -> Path:
+        """Write the report as JSON (records worst first; infinite SQNR written as null), atomically."""
+        with atomic_write(path, "w") as handle:
+            json.dump(self.to_dict(), handle, indent=2)
+        return Path(path)
+
+
+def _finite(record: dict[str, Any]) -> dict[str, Any]:
+    """JSON has no infinity: an infinite or NaN metric becomes null (no error at all, or nothing to compare)."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+
+
+def _int8_graph(qdq_model: onnx.ModelProto, directory: Path) -> onnx.ModelProto:
+    """The Q/DQ model after ONNX Runtime's portable (extended) optimizations: the INT8 kernels it will run."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(directory / "int8_optimized.onnx")
+    options.log_severity_level = 3
+    try:
+        ort.InferenceSession(qdq_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise QuantlabError(f"ONNX Runtime cannot load the INT8 model: {message}") from None
+    return onnx.load(options.optimized_model_filepath)
+
+
+def observable_tensors(fp32_names: Sequence[str], int8_graph: onnx.ModelProto) -> dict[str, str]:
+    """FP32 tensor name -> the INT8 graph's tensor that carries it (dequantized where it is quantized)."""
+    present = {name for node in int8_graph.graph.node for name in node.output}
+    present |= {value.name for value in int8_graph.graph.input}
+    mapping = {}
+    for name in fp32_names:
+        if name + DEQUANTIZED_SUFFIX in present:
+            mapping[name] = name + DEQUANTIZED_SUFFIX
+        elif name in present:
+            mapping[name] = name
+    return mapping
+
+
+class _PairedRunner:
+    """Runs the FP32 model and the INT8 model on the same feed, returning the paired tensors."""
+
+    def __init__(self, fp32: onnx.ModelProto, qdq: onnx.ModelProto) -> None:
+        import onnxruntime as ort
+
+        self.inputs = input_specs(fp32)
+        fed = {spec.name for spec in self.inputs}
+        names = [name for name in activation_tensors(fp32) if name not in fed]
+        self.outputs = [output.name for output in fp32.graph.output]
+        self.ops = producers(fp32)
+        with tempfile.TemporaryDirectory() as tmp:
+            int8_graph = _int8_graph(qdq, Path(tmp))
+        self.mapping = observable_tensors(names, int8_graph)
+        missing = [name for name in self.outputs if name not in self.mapping]
+        if missing:
+            raise QuantlabError(f"the INT8 model does not produce the FP32 model's output(s) {', '.join(missing)}")
+        self.fp32 = create_session(with_outputs(fp32, list(self.mapping)))
+        exposed = onnx.ModelProto()
+        exposed.CopyFrom(int8_graph)
+        declared = {output.name for output in exposed.graph.output}
+        for target in self.mapping.values():
+            if target not in declared:
+                exposed.graph.output.append(onnx.helper.make_tensor_value_info(target, onnx.TensorProto.FLOAT, None))
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # already optimized: keep it as is
+        options.log_severity_level = 3
+        self.int8 = ort.InferenceSession(exposed.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+    def run(self, feed: Batch) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        names = list(self.mapping)
+        try:
+            reference = dict(zip(names, self.fp32.run(names, feed)))
+            observed = dict(zip(names, self.int8.run([self.mapping[n] for n in names], feed)))
+        except Exception as exc:
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise QuantlabRuntimeError(f"inference failed: {message}") from None
+        return reference, observed
+
+
+def measure_drift(
+    model: str | Path,
+    qdq_model: str | Path | onnx.ModelProto,
+    data: str | Path | CalibrationData | Iterable[Batch],
+    *,
+    labels: str | Path | np.ndarray | None = None,
+    batch_size: int | None = None,
+    limit: int | None = None,
+    progress=None,
+) -> DriftReport:
+    """Drift of every observable tensor of `model` in its INT8 version `qdq_model`, over `data` (accumulated mode).
+
+    With `labels` (one integer class per sample, in data order) the report also holds top-1 accuracy of both.
+    """
+    fp32 = load_model(model)
+    qdq = qdq_model if isinstance(qdq_model, onnx.ModelProto) else load_model(qdq_model)
+    runner = _PairedRunner(fp32, qdq)
+    if isinstance(data, (str, Path)):
+        data = CalibrationData(data, runner.inputs, batch_size=batch_size, limit=limit)
+    expected = _load_labels(labels)
+    sums = {name: _Sums() for name in runner.mapping}
+    top1 = {"fp32": 0, "int8": 0, "agree": 0}
+    samples = 0
+    for feed in data:
+        reference, observed = runner.run(feed)
+        for name, pair in sums.items():
+            pair.add(reference[name], observed[name])
+        batch = len(next(iter(feed.values())))
+        if expected is not None:
+            _count_top1(top1, reference[runner.outputs[0]], observed[runner.outputs[0]], expected, samples, batch)
+        samples += batch
+        if progress:
+            progress("drift", samples)
+    if samples == 0:
+        raise QuantlabError("the data holds no samples")
+    results = {name: pair.result(name, runner.ops.get(name, "?")) for name, pair in sums.items()}
+    final: dict[str, Any] = {"outputs": [results[name] for name in runner.outputs], "samples": samples}
+    if expected is not None:
+        if expected.size != samples:
+            raise QuantlabError(f"{expected.size} labels for {samples} samples")
+        final["top1_fp32"] = top1["fp32"] / samples
+        final["top1_int8"] = top1["int8"] / samples
+        final["top1_agreement"] = top1["agree"] / samples
+    layers = [results[name] for name in runner.mapping if name not in runner.outputs]
+    return DriftReport(layers, final, {"mode": "accumulated", "model": str(model), "samples": samples})
+
+
+def _load_labels(labels: str | Path | np.ndarray | None) -> np.ndarray | None:
+    if labels is None or isinstance(labels, np.ndarray):
+        return labels
+    try:
+        array = np.load(labels, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise QuantlabError(f"{labels}: cannot read labels ({exc})") from None
+    if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
+        raise QuantlabError(f"{labels}: labels must be a 1-D integer array, got shape {array.shape} {array.dtype}")
+    return array
+
+
+def _count_top1(counts: dict[str, int], reference: np.ndarray, observed: np.ndarray, labels: np.ndarray, start: int, batch: int) -> None:
+    truth = labels[start : start + batch]
+    if truth.size != batch:
+        raise QuantlabError(f"fewer labels ({labels.size}) than samples")
+    fp32, int8 = reference.reshape(batch, -1).argmax(axis=1), observed.reshape(batch, -1).argmax(axis=1)
+    counts["fp32"] += int((fp32 == truth).sum())
+    counts["int8"] += int((int8 == truth).sum())
+    counts["agree"] += int((fp32 == int8).sum())
