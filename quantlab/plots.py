@@ -85,3 +85,24 @@ def plot_threshold_comparison(tables: Mapping[str, Mapping[str, float]], *, ax: 
 
 def _short(name: str, width: int = 28) -> str:
     return name if len(name) <= width else "…" + name[-(width - 1) :]
+
+
+def plot_drift(report, *, title: str | None = None, ax: Axes | None = None) -> Figure:
+    """SQNR per tensor in graph order, the worst marked, final outputs as dashed lines."""
+    layers = report.layers
+    ax = _axes(ax, size=(max(8.0, 0.4 * len(layers)), 4.5))
+    positions = np.arange(len(layers))
+    sqnr = np.array([layer.sqnr_db for layer in layers], dtype=float)
+    ax.plot(positions, sqnr, marker="o", color="tab:blue", label="SQNR per tensor")
+    if len(layers):
+        worst = int(np.nanargmin(sqnr))
+        ax.plot([worst], [sqnr[worst]], marker="o", markersize=12, fillstyle="none", color="tab:red", linestyle="none",
+                label=f"worst: {layers[worst].name} ({sqnr[worst]:.1f} dB)")
+    for output in report.final["outputs"]:
+        ax.axhline(output.sqnr_db, color="tab:gray", linestyle="--", label=f"final {output.name}: {output.sqnr_db:.1f} dB")
+    ax.set_xticks(positions, [_short(layer.name) for layer in layers], rotation=75, fontsize="x-small")
+    ax.set_ylabel("SQNR (dB)")
+    method = report.metadata.get("method")
+    ax.set_title(title or "INT8 drift per tensor" + (f" ({method})" if method else ""))
+    ax.legend(fontsize="small")
+    return ax.figure

@@ -81,3 +81,36 @@ def tensor_detail(name: str, hist: Histogram) -> Group:
     ):
         table.add_row(label, value)
     return Group(table, Text(""), bar_view(hist))
+
+
+def _severity(sqnr_db: float) -> str:
+    """Rich style for an SQNR: below 20 dB is severe, below 30 dB worth a look."""
+    return "bold red" if sqnr_db < 20 else "yellow" if sqnr_db < 30 else "green"
+
+
+def drift_table(report, title: str = "per-layer drift, worst first") -> Table:
+    """One row per tensor, worst SQNR first, colored by severity; the final outputs and top-1 in the caption."""
+    table = Table(title=title)
+    for column in ("tensor", "op", "SQNR dB", "cosine", "rel err", "max abs err"):
+        if column == "tensor":
+            table.add_column(column, overflow="fold", min_width=16)
+        else:
+            table.add_column(column, justify="right", no_wrap=True)
+    for layer in report.worst_first():
+        table.add_row(
+            layer.name,
+            layer.op_type,
+            Text(f"{layer.sqnr_db:.2f}", style=_severity(layer.sqnr_db)),
+            f"{layer.cosine:.6f}",
+            f"{layer.rel_err:.4f}",
+            f"{layer.max_abs_err:.4g}",
+        )
+    final = report.final
+    lines = [f"final {o.name}: SQNR {o.sqnr_db:.2f} dB, cosine {o.cosine:.6f}" for o in final["outputs"]]
+    if "top1_fp32" in final:
+        lines.append(
+            f"top-1 FP32 {final['top1_fp32']:.2%}  INT8 {final['top1_int8']:.2%}  "
+            f"agreement {final['top1_agreement']:.2%}  ({final['samples']} samples)"
+        )
+    table.caption = "\n".join(lines)
+    return table
