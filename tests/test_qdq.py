@@ -1,0 +1,360 @@
+"""Q/DQ export on the bundled digits CNN: valid ONNX, INT8 kernels in ONNX Runtime, TensorRT placement, exact scales."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper, numpy_helper
+
+import quantlab
+from conftest import CALIB_DIR, DEMO_MODEL, EVAL_INPUTS, EVAL_LABELS
+from models import save_multi_input_data, save_multi_input_model
+from quantlab.errors import QuantlabError
+from quantlab.formats.qdq import export_qdq, fp32_names, quantize_qdq
+from quantlab.model import activation_tensors, create_session, with_outputs
+
+WEIGHTED = ("Conv", "Gemm")  # the weighted ops of the demo model
+
+
+def percentile_amax(hist: quantlab.Histogram, percent: float = 99.99) -> float:
+    """Upper edge of the |x| bin holding the `percent` percentile, computed here with NumPy."""
+    folded = hist.fold()
+    cdf = np.cumsum(folded.counts) / folded.counts.sum()
+    return float(folded.edges[np.searchsorted(cdf, percent / 100) + 1])
+
+
+def f32_scale(amax: float) -> np.float32:
+    """amax / 127 as a float32 scale, rounded once from float64 (how ONNX Runtime's quantizer computes it)."""
+    return np.float32(np.float64(np.float32(amax)) / 127)
+
+
+def producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {name: node for node in model.graph.node for name in node.output}
+
+
+def initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+
+
+def nodes_named(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {node.name: node for node in model.graph.node}
+
+
+def fp32_weight(fp32: onnx.ModelProto, node_name: str) -> np.ndarray:
+    return initializers(fp32)[nodes_named(fp32)[node_name].input[1]]
+
+
+def top1(model: onnx.ModelProto, eval_set) -> float:
+    inputs, labels = eval_set
+    logits = create_session(model).run(None, {"input": inputs})[0]
+    return float(np.mean(logits.argmax(axis=1) == labels))
+
+
+@pytest.fixture(scope="module")
+def histograms() -> quantlab.HistogramSet:
+    return quantlab.collect(DEMO_MODEL, CALIB_DIR)
+
+
+@pytest.fixture(scope="module")
+def max_amax(histograms) -> dict[str, float]:
+    return {name: hist.amax for name, hist in histograms.items()}
+
+
+@pytest.fixture(scope="module")
+def percentile_thresholds(histograms) -> dict[str, float]:
+    return {name: percentile_amax(hist) for name, hist in histograms.items()}
+
+
+@pytest.fixture(scope="module")
+def eval_set() -> tuple[np.ndarray, np.ndarray]:
+    inputs = np.concatenate([np.load(path) for path in sorted(EVAL_INPUTS.glob("*.npy"))])
+    return inputs, np.load(EVAL_LABELS)
+
+
+@pytest.fixture(scope="module")
+def fp32() -> onnx.ModelProto:
+    return onnx.load(str(DEMO_MODEL))
+
+
+@pytest.fixture(scope="module")
+def qdq(max_amax) -> onnx.ModelProto:
+    return quantize_qdq(DEMO_MODEL, max_amax)
+
+
+@pytest.mark.parametrize("method", ["max", "percentile"])
+def test_exported_model_validates_runs_and_keeps_accuracy(
+    method, max_amax, percentile_thresholds, eval_set, fp32, tmp_path
+):
+    thresholds = max_amax if method == "max" else percentile_thresholds
+    out = export_qdq(DEMO_MODEL, quantlab.Thresholds(thresholds), tmp_path / "model.qdq.onnx")
+    onnx.checker.check_model(str(out), full_check=True)
+    model = onnx.load(str(out))
+    assert {node.op_type for node in model.graph.node} >= {"QuantizeLinear", "DequantizeLinear"}
+    fp32_top1, int8_top1 = top1(fp32, eval_set), top1(model, eval_set)
+    assert fp32_top1 == pytest.approx(0.9933, abs=1e-3)
+    assert abs(int8_top1 - fp32_top1) <= 0.010
+
+
+def test_onnx_runtime_runs_convs_and_gemm_with_int8_kernels(qdq, tmp_path):
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(qdq.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    ops = [node.op_type for node in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    # stem.0, stem.3 and head.1 become QLinearConv, head.5 QGemm (ONNX Runtime >= 1.21 quantizes the float biases
+    # itself to fuse them). Only the residual conv, whose output goes into the Add (float by TensorRT's rules), runs
+    # in float on dequantized inputs; so does the logits Gemm (float output) in ONNX Runtime 1.32.
+    assert ops.count("QLinearConv") == 3
+    assert ops.count("QGemm") >= 1
+    assert sum(op in ("Conv", "FusedConv") for op in ops) == 1
+
+
+def test_every_weighted_op_reads_dequantized_activation_and_per_channel_weight(qdq, fp32):
+    made_by, values = producers(qdq), initializers(qdq)
+    weighted = [node for node in qdq.graph.node if node.op_type in WEIGHTED]
+    assert len(weighted) == 6
+    for node in weighted:
+        activation, weight = made_by[node.input[0]], made_by[node.input[1]]
+        assert activation.op_type == weight.op_type == "DequantizeLinear", node.name
+        assert made_by[activation.input[0]].op_type == "QuantizeLinear"
+        int8_weight, scale, zero_point = (values[name] for name in weight.input)
+        weight_fp32 = fp32_weight(fp32, node.name)
+        assert int8_weight.dtype == np.int8 and zero_point.dtype == np.int8 and not zero_point.any()
+        assert scale.shape == (weight_fp32.shape[0],)  # one scale per output channel (Conv, and Gemm with transB)
+        assert next(attr.i for attr in weight.attribute if attr.name == "axis") == 0
+        expected = (np.abs(weight_fp32).reshape(len(scale), -1).max(axis=1).astype(np.float64) / 127).astype(np.float32)
+        np.testing.assert_array_equal(scale, expected)
+        broadcast = scale.reshape(-1, *[1] * (weight_fp32.ndim - 1))
+        assert np.all(np.abs(int8_weight * broadcast - weight_fp32) <= broadcast / 2 * (1 + 1e-6))
+        assert node.input[2] in values and values[node.input[2]].dtype == np.float32  # bias stays float
+
+
+def test_activation_scales_are_amax_over_127_with_zero_point_zero(qdq, fp32, max_amax):
+    values, fp32_nodes = initializers(qdq), nodes_named(fp32)
+    made_by = producers(qdq)
+    for node in (node for node in qdq.graph.node if node.op_type in WEIGHTED):
+        source = fp32_nodes[node.name].input[0]  # the FP32 tensor this op reads
+        _, scale, zero_point = made_by[node.input[0]].input
+        assert values[scale] == f32_scale(max_amax[source]), source
+        assert values[zero_point].dtype == np.int8 and values[zero_point] == 0
+
+
+def test_relu_and_reshapes_carry_the_scale_back_to_the_layer_output_without_changing_values(qdq, max_amax, demo_feeds):
+    """stem.0 -> Relu -> stem.3: the conv output's Q/DQ shares the Relu output's scale, and quantizing twice with
+    one scale equals quantizing the Relu output once (TensorRT's placement) bit for bit."""
+    made_by, values = producers(qdq), initializers(qdq)
+    conv_out, relu_out = "/stem/stem.0/Conv_output_0", "/stem/stem.2/Relu_output_0"
+    relu = next(node for node in qdq.graph.node if node.output[0] == relu_out)
+    conv_dq = made_by[relu.input[0]]
+    relu_q = next(node for node in qdq.graph.node if node.op_type == "QuantizeLinear" and node.input[0] == relu_out)
+    assert conv_dq.op_type == "DequantizeLinear" and made_by[conv_dq.input[0]].input[0] == conv_out
+    assert conv_dq.input[1:] == relu_q.input[1:]  # the same scale and zero-point initializers
+    scale = values[relu_q.input[1]]
+    assert scale == f32_scale(max_amax[relu_out])
+
+    relu_dq = f"{relu_out}_DequantizeLinear_Output"
+    session = create_session(with_outputs(qdq, [conv_out, relu_dq]))
+    conv, dequantized = session.run([conv_out, relu_dq], demo_feeds[0])
+    expected = np.clip(np.round(np.maximum(conv, 0) / scale), -128, 127).astype(np.float32) * scale
+    np.testing.assert_array_equal(dequantized, expected)
+
+
+def test_residual_add_quantizes_only_the_skip_input_and_relus_stay(qdq, fp32):
+    made_by = producers(qdq)
+    add = next(node for node in qdq.graph.node if node.op_type == "Add")
+    conv_side, skip_side = (made_by[name] for name in add.input)
+    assert conv_side.op_type == "Conv"  # TensorRT fuses the Add into this conv: its output stays float
+    assert skip_side.op_type == "DequantizeLinear"
+    assert made_by[skip_side.input[0]].input[0] == "/stem/stem.5/Relu_output_0"
+    assert [n.op_type for n in qdq.graph.node].count("Relu") == [n.op_type for n in fp32.graph.node].count("Relu")
+    logits = next(node for node in qdq.graph.node if node.output[0] == "logits")
+    assert logits.op_type == "Gemm"  # no Q/DQ on the model's output
+
+
+def test_skip_input_used_only_by_the_residual_add_gets_its_own_q_dq(tmp_path):
+    """Add(Conv(x), Sigmoid(x)): no conv reads the Sigmoid output, so the residual rule alone quantizes it."""
+    weight = np.random.default_rng(0).normal(size=(2, 2, 3, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w"], ["conv"], name="conv", pads=[1, 1, 1, 1]),
+            helper.make_node("Sigmoid", ["x"], ["gate"], name="sigmoid"),
+            helper.make_node("Add", ["conv", "gate"], ["y"], name="add"),
+        ],
+        "residual",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 2, 4, 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 2, 4, 4])],
+        initializer=[numpy_helper.from_array(weight, "w")],
+    )
+    path = tmp_path / "residual.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    model = quantize_qdq(path, {"x": 3.0, "conv": 9.0, "gate": 0.95, "y": 9.5})
+    onnx.checker.check_model(model)
+    made_by, values = producers(model), initializers(model)
+    add = nodes_named(model)["add"]
+    assert add.input[0] == "conv"
+    gate_dq = made_by[add.input[1]]
+    assert gate_dq.op_type == "DequantizeLinear" and made_by[gate_dq.input[0]].input[0] == "gate"
+    assert values[gate_dq.input[1]] == f32_scale(0.95)
+    assert made_by[nodes_named(model)["sigmoid"].input[0]].op_type == "DequantizeLinear"  # x is the conv's input too
+    create_session(model).run(None, {"x": np.ones((1, 2, 4, 4), np.float32)})
+
+
+def test_fp32_names_maps_every_qdq_activation_back(qdq, fp32, demo_feeds, max_amax):
+    names = fp32_names(qdq)
+    fp32_tensors = {name for node in fp32.graph.node for name in node.output} | {"input"}
+    assert set(names.values()) == fp32_tensors
+    assert set(activation_tensors(fp32)) <= set(names.values())
+    assert names["input_DequantizeLinear_Output"] == "input"
+    assert names["/head/head.1/Conv_output_0_DequantizeLinear_Output"] == "/head/head.1/Conv_output_0"
+    values = initializers(qdq)
+    int8_tensors = {node.output[0] for node in qdq.graph.node if node.op_type == "QuantizeLinear"}
+    weights = {n.output[0] for n in qdq.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in values}
+    assert len(weights) == 6 and not (int8_tensors | weights) & set(names)
+
+    feed = demo_feeds[0]
+    dequantized = create_session(with_outputs(qdq, ["input_DequantizeLinear_Output"])).run(
+        ["input_DequantizeLinear_Output"], feed
+    )[0]
+    scale = f32_scale(max_amax["input"])
+    np.testing.assert_array_equal(dequantized, np.clip(np.round(feed["input"] / scale), -128, 127) * scale)
+
+
+def test_mse_weights_clip_per_channel_and_never_round_worse(max_amax, fp32, eval_set):
+    mse, plain = quantize_qdq(DEMO_MODEL, max_amax, weight_method="mse"), quantize_qdq(DEMO_MODEL, max_amax)
+    assert abs(top1(mse, eval_set) - top1(fp32, eval_set)) <= 0.010
+    clipped = 0
+    for node_name in ("/stem/stem.3/Conv", "/head/head.5/Gemm"):
+        weight = fp32_weight(fp32, node_name)
+        errors, scales = [], []
+        for model in (mse, plain):
+            dq = producers(model)[nodes_named(model)[node_name].input[1]]
+            int8_weight, scale, _ = (initializers(model)[name] for name in dq.input)
+            rows = (int8_weight * scale.reshape(-1, *[1] * (weight.ndim - 1)) - weight).reshape(len(scale), -1)
+            errors.append(np.mean(rows.astype(np.float64) ** 2, axis=1))
+            scales.append(scale)
+        assert np.all(scales[0] <= scales[1]) and np.all(errors[0] <= errors[1] * (1 + 1e-6))
+        clipped += int(np.sum(scales[0] < scales[1]))
+    assert clipped > 0
+
+
+def test_keep_fp32_by_node_or_output_name_leaves_layers_float(max_amax, fp32, eval_set):
+    model = quantize_qdq(
+        DEMO_MODEL, max_amax, keep_fp32=["/head/head.7/Gemm", "/residual/residual.0/Conv_output_0"]
+    )
+    onnx.checker.check_model(model)
+    made_by, fp32_nodes = producers(model), nodes_named(fp32)
+    for name in ("/head/head.7/Gemm", "/residual/residual.0/Conv"):
+        node = nodes_named(model)[name]
+        assert list(node.input) == list(fp32_nodes[name].input)  # original float activation, weight and bias
+        assert all(made_by.get(x) is None or made_by[x].op_type != "DequantizeLinear" for x in node.input)
+    # With the residual conv in float there is no conv to fuse the Add into: no Q/DQ on the skip input either.
+    assert list(nodes_named(model)["/Add"].input) == list(fp32_nodes["/Add"].input)
+    assert abs(top1(model, eval_set) - top1(fp32, eval_set)) <= 0.010
+
+
+def test_keep_fp32_node_reads_the_float_tensor_that_other_consumers_read_quantized(max_amax):
+    model = quantize_qdq(DEMO_MODEL, max_amax, keep_fp32=["/Add"])
+    skip = "/stem/stem.5/Relu_output_0"
+    assert nodes_named(model)["/Add"].input[1] == skip
+    assert producers(model)[nodes_named(model)["/residual/residual.0/Conv"].input[0]].op_type == "DequantizeLinear"
+
+
+def test_old_opset_is_converted_for_per_channel_dequantize(max_amax, tmp_path):
+    model = onnx.load(str(DEMO_MODEL))
+    model.opset_import[0].version = 12  # the demo's ops mean the same at opset 12 (ONNX cannot convert downwards)
+    old = tmp_path / "opset12.onnx"
+    onnx.save(model, str(old))
+    model = quantize_qdq(old, max_amax)
+    onnx.checker.check_model(model)
+    assert next(entry.version for entry in model.opset_import if entry.domain == "") == 13
+    create_session(model)
+
+
+def test_thresholds_naming_unknown_tensors_are_refused(max_amax):
+    extra = {**max_amax, "conv9_out": 1.0, "(Unnamed Layer* 3) [Shuffle]_output": 2.0}
+    with pytest.raises(QuantlabError, match=r"^2 tensors in the thresholds are not activation tensors of "
+                       r"digits_cnn\.onnx: conv9_out, \(Unnamed Layer\* 3\) \[Shuffle\]_output$"):
+        quantize_qdq(DEMO_MODEL, extra)
+
+
+def test_thresholds_missing_a_tensor_to_quantize_are_refused(max_amax):
+    partial = {name: amax for name, amax in max_amax.items() if name != "/head/head.4/Flatten_output_0"}
+    with pytest.raises(QuantlabError, match=r"^no threshold for 1 of the 6 tensors digits_cnn\.onnx quantizes: "
+                       r"/head/head\.4/Flatten_output_0 \(are the thresholds for another model\?\)$"):
+        quantize_qdq(DEMO_MODEL, partial)
+
+
+def test_thresholds_of_another_model_are_refused(tmp_path):
+    other = save_multi_input_model(tmp_path / "other.onnx")
+    histograms = quantlab.collect(other, save_multi_input_data(tmp_path / "data"))
+    cache = {name: hist.amax for name, hist in histograms.items()}
+    with pytest.raises(QuantlabError, match=r"no threshold for 6 of the 6 tensors digits_cnn\.onnx quantizes: "
+                       r"input, /stem/stem\.2/Relu_output_0, /stem/stem\.5/Relu_output_0 and 3 more"):
+        quantize_qdq(DEMO_MODEL, cache)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(None, "model file not found"), (b"\x08\x07garbage, not protobuf", "not a valid ONNX model")],
+)
+def test_missing_or_corrupt_model_is_refused(content, message, max_amax, tmp_path):
+    path = tmp_path / "model.onnx"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(QuantlabError, match=message):
+        export_qdq(path, max_amax, tmp_path / "out.onnx")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"weight_method": "percentile"}, "unknown weight method 'percentile'"),
+        ({"keep_fp32": ["/no/such/Conv"]}, "keep_fp32: no node or node output named /no/such/Conv"),
+    ],
+)
+def test_bad_options_are_refused(options, message, max_amax):
+    with pytest.raises(QuantlabError, match=message):
+        quantize_qdq(DEMO_MODEL, max_amax, **options)
+
+
+def test_float64_model_is_refused(tmp_path):
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "weight"], ["y"], name="matmul")],
+        "float64",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.DOUBLE, [1, 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.DOUBLE, [1, 3])],
+        initializer=[numpy_helper.from_array(np.ones((4, 3)), "weight")],
+    )
+    path = tmp_path / "float64.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    with pytest.raises(QuantlabError, match="Q/DQ export takes float32 and float16 tensors, not x$"):
+        quantize_qdq(path, {"x": 1.0, "y": 4.0})
+
+
+def test_infinite_threshold_is_refused(max_amax):
+    with pytest.raises(QuantlabError, match="infinite threshold for 1 tensors to quantize: input"):
+        quantize_qdq(DEMO_MODEL, {**max_amax, "input": float("inf")})
+
+
+def test_failed_export_leaves_no_file_and_keeps_an_existing_one(max_amax, tmp_path):
+    bad = {**max_amax, "not_a_tensor": 1.0}
+    with pytest.raises(QuantlabError):
+        export_qdq(DEMO_MODEL, bad, tmp_path / "new.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+    existing = tmp_path / "model.qdq.onnx"
+    existing.write_bytes(b"previous export")
+    with pytest.raises(QuantlabError):
+        export_qdq(DEMO_MODEL, bad, existing)
+    assert existing.read_bytes() == b"previous export"
+    assert list(tmp_path.iterdir()) == [existing]
+
+    assert export_qdq(DEMO_MODEL, max_amax, existing) == existing
+    assert onnx.load(str(existing)).graph.node and list(tmp_path.iterdir()) == [existing]
+
+
+def test_unwritable_output_fails_before_any_work(max_amax, tmp_path):
+    with pytest.raises(QuantlabError, match="does not exist"):
+        export_qdq(DEMO_MODEL, max_amax, tmp_path / "missing" / "model.qdq.onnx")
