@@ -138,6 +138,19 @@ def observable_tensors(fp32_names: Sequence[str], int8_graph: onnx.ModelProto) -
     return mapping
 
 
+def _run(session, names: list[str], feed: Batch) -> list[np.ndarray]:
+    try:
+        return session.run(names, feed)
+    except Exception as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise QuantlabRuntimeError(f"inference failed: {message}") from None
+
+
+def _plain_session(model: onnx.ModelProto):
+    """An ONNX Runtime session of a model as it is (all optimizations: the INT8 kernels ORT picks)."""
+    return create_session(model)
+
+
 class _PairedRunner:
     """Runs the FP32 model and the INT8 model on the same feed, returning the paired tensors."""
 
@@ -169,12 +182,8 @@ class _PairedRunner:
 
     def run(self, feed: Batch) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         names = list(self.mapping)
-        try:
-            reference = dict(zip(names, self.fp32.run(names, feed)))
-            observed = dict(zip(names, self.int8.run([self.mapping[n] for n in names], feed)))
-        except Exception as exc:
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise QuantlabRuntimeError(f"inference failed: {message}") from None
+        reference = dict(zip(names, _run(self.fp32, names, feed)))
+        observed = dict(zip(names, _run(self.int8, [self.mapping[n] for n in names], feed)))
         return reference, observed
 
 
@@ -245,3 +254,172 @@ def _count_top1(counts: dict[str, int], reference: np.ndarray, observed: np.ndar
     counts["fp32"] += int((fp32 == truth).sum())
     counts["int8"] += int((int8 == truth).sum())
     counts["agree"] += int((fp32 == int8).sum())
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """One weighted op of the Q/DQ model: its node, the FP32 tensors it reads, and where its output is observed."""
+
+    node: str
+    op_type: str
+    sources: tuple[str, ...]  # FP32 activation tensors the layer reads (before their Q/DQ)
+    output: str  # FP32 name of its output
+    observed: str  # the Q/DQ model's tensor that carries that output
+
+
+def _layers(qdq: onnx.ModelProto) -> list[_Layer]:
+    """The weighted ops (Conv, Gemm, MatMul, ConvTranspose) of a Q/DQ model, in graph order."""
+    from quantlab.formats.qdq import WEIGHTED_OPS
+
+    graph = qdq.graph
+    producer = {name: node for node in graph.node for name in node.output}
+    initializers = {init.name for init in graph.initializer}
+    present = set(producer) | {value.name for value in graph.input}
+    graph_outputs = {output.name for output in graph.output}
+    layers = []
+    for node in graph.node:
+        if node.op_type not in WEIGHTED_OPS:
+            continue
+        sources = []
+        for name in node.input:
+            source = producer.get(name)
+            if source is not None and source.op_type == "DequantizeLinear":
+                quantize = producer.get(source.input[0])
+                if quantize is None or quantize.op_type != "QuantizeLinear":
+                    continue  # a weight: an INT8 initializer behind its DequantizeLinear
+                name = quantize.input[0]
+            if name and name not in initializers:
+                sources.append(name)
+        output = node.output[0]
+        fp32 = output.removesuffix("_QuantizeLinear_Input")
+        if fp32 != output and fp32 in graph_outputs:
+            observed = fp32
+        else:
+            observed = fp32 + DEQUANTIZED_SUFFIX if fp32 + DEQUANTIZED_SUFFIX in present else fp32
+        layers.append(_Layer(node.name, node.op_type, tuple(sources), fp32, observed))
+    return layers
+
+
+def measure_isolated(
+    model: str | Path,
+    qdq_model: str | Path | onnx.ModelProto,
+    data: str | Path | CalibrationData | Iterable[Batch],
+    *,
+    batch_size: int | None = None,
+    limit: int | None = None,
+    progress=None,
+) -> DriftReport:
+    """Each weighted layer's own error: its piece of the Q/DQ model (input and output Q/DQ, INT8 weights) run on the
+    FP32 model's activations, compared with the FP32 output. Nothing upstream contributes, so a layer that is
+    sensitive stands out from one that only inherits error.
+    """
+    fp32 = load_model(model)
+    qdq = qdq_model if isinstance(qdq_model, onnx.ModelProto) else load_model(qdq_model)
+    layers = _layers(qdq)
+    extractor = onnx.utils.Extractor(onnx.shape_inference.infer_shapes(qdq))
+    pieces = [_plain_session(extractor.extract_model(list(layer.sources), [layer.observed])) for layer in layers]
+    needed = list(dict.fromkeys(name for layer in layers for name in (*layer.sources, layer.output)))
+    reference_session = create_session(with_outputs(fp32, needed))
+    fed = {spec.name for spec in input_specs(fp32)}
+    if isinstance(data, (str, Path)):
+        data = CalibrationData(data, input_specs(fp32), batch_size=batch_size, limit=limit)
+    sums = [_Sums() for _ in layers]
+    computed = [name for name in needed if name not in fed]
+    samples = 0
+    for feed in data:
+        values = {**feed, **dict(zip(computed, _run(reference_session, computed, feed)))}
+        for layer, piece, pair in zip(layers, pieces, sums):
+            (observed,) = _run(piece, [layer.observed], {name: values[name] for name in layer.sources})
+            pair.add(values[layer.output], observed)
+        samples += len(next(iter(feed.values())))
+        if progress:
+            progress("isolated", samples)
+    if samples == 0:
+        raise QuantlabError("the data holds no samples")
+    results = [pair.result(layer.output, layer.op_type) for layer, pair in zip(layers, sums)]
+    return DriftReport(results, {"outputs": [], "samples": samples}, {"mode": "isolated", "model": str(model), "samples": samples})
+
+
+@dataclass
+class FinalDrift:
+    """Drift of the final outputs of one INT8 variant of a model (and top-1 when labels are given)."""
+
+    kept_fp32: list[str]
+    sqnr_db: float
+    top1_int8: float | None = None
+    top1_fp32: float | None = None
+
+
+def measure_final(
+    fp32_model: onnx.ModelProto,
+    qdq_model: onnx.ModelProto,
+    data: Iterable[Batch],
+    labels: np.ndarray | None = None,
+    kept_fp32: Sequence[str] = (),
+) -> FinalDrift:
+    """SQNR of the first output (and top-1) of a Q/DQ model against the FP32 model, both run as they are."""
+    fp32, int8 = _plain_session(fp32_model), _plain_session(qdq_model)
+    output = fp32_model.graph.output[0].name
+    pair, top1, samples = _Sums(), {"fp32": 0, "int8": 0, "agree": 0}, 0
+    for feed in data:
+        (reference,) = _run(fp32, [output], feed)
+        (observed,) = _run(int8, [output], feed)
+        pair.add(reference, observed)
+        batch = len(next(iter(feed.values())))
+        if labels is not None:
+            _count_top1(top1, reference, observed, labels, samples, batch)
+        samples += batch
+    accuracy = (top1["int8"] / samples, top1["fp32"] / samples) if labels is not None and samples else (None, None)
+    return FinalDrift(list(kept_fp32), pair.result(output, "").sqnr_db, *accuracy)
+
+
+def rank_sensitivity(
+    model: str | Path,
+    thresholds: Mapping[str, float],
+    data: CalibrationData | Sequence[Batch],
+    *,
+    labels: np.ndarray | None = None,
+    weight_method: str = "max",
+) -> list[FinalDrift]:
+    """Every weighted layer, most sensitive first: final-output SQNR of the model with only that layer kept in FP32."""
+    from quantlab.formats.qdq import quantize_qdq
+
+    fp32 = load_model(model)
+    layers = _layers(quantize_qdq(model, thresholds, weight_method=weight_method))
+    results = [
+        measure_final(fp32, quantize_qdq(model, thresholds, weight_method=weight_method, keep_fp32=[layer.node]), data, labels, [layer.node])
+        for layer in layers
+    ]
+    return sorted(results, key=lambda result: -result.sqnr_db)
+
+
+def propose_fp32(
+    model: str | Path,
+    thresholds: Mapping[str, float],
+    data: CalibrationData | Sequence[Batch],
+    *,
+    keep: int | None = None,
+    target_sqnr: float | None = None,
+    labels: np.ndarray | None = None,
+    weight_method: str = "max",
+) -> tuple[list[FinalDrift], onnx.ModelProto]:
+    """The smallest prefix of the sensitivity ranking to keep in FP32: `keep` layers, or as many as it takes to reach
+    `target_sqnr` dB on the final output. Returns the measurements of every step (none kept first) and the model.
+    """
+    from quantlab.formats.qdq import quantize_qdq
+
+    if (keep is None) == (target_sqnr is None):
+        raise QuantlabError("give exactly one of --keep-fp32 K and --target-sqnr DB")
+    if keep is not None and keep < 0:
+        raise QuantlabError(f"--keep-fp32 must be >= 0, got {keep}")
+    fp32 = load_model(model)
+    ranking = [result.kept_fp32[0] for result in rank_sensitivity(model, thresholds, data, labels=labels, weight_method=weight_method)]
+    steps = len(ranking) if keep is None else min(keep, len(ranking))
+    qdq = quantize_qdq(model, thresholds, weight_method=weight_method)
+    history = [measure_final(fp32, qdq, data, labels)]
+    for count in range(1, steps + 1):
+        if target_sqnr is not None and history[-1].sqnr_db >= target_sqnr:
+            break
+        qdq = quantize_qdq(model, thresholds, weight_method=weight_method, keep_fp32=ranking[:count])
+        history.append(measure_final(fp32, qdq, data, labels, ranking[:count]))
+    return history, qdq
