@@ -183,6 +183,95 @@ def show(
     console.print(tensor_detail(tensor, histograms[tensor]))
 
 
+def _save_figure(figure, path: Path) -> None:
+    """Write a matplotlib figure atomically, in the format its extension names."""
+    from quantlab.atomic import atomic_write
+
+    with atomic_write(path) as handle:
+        figure.savefig(handle, format=path.suffix.lstrip(".") or "png", dpi=120)
+
+
+def _int8_model(model: Path, thresholds: Optional[Path], qdq: Optional[Path], weights: str):
+    """The INT8 model to compare with: a Q/DQ file as given, or one built in memory from a threshold file."""
+    from quantlab.formats import read_thresholds
+    from quantlab.formats.qdq import quantize_qdq
+    from quantlab.model import load_model
+
+    if (thresholds is None) == (qdq is None):
+        raise QuantlabError("give exactly one of --thresholds FILE and --qdq MODEL")
+    if qdq is not None:
+        return load_model(qdq), {"qdq_model": str(qdq)}
+    table = read_thresholds(thresholds)
+    method = table.metadata.get("method") or table.metadata.get("algorithm") or "thresholds"
+    return quantize_qdq(model, table, weight_method=weights), {"thresholds": str(thresholds), "method": method}
+
+
+@app.command()
+def drift(
+    model: Path = typer.Argument(..., help="FP32 ONNX model."),
+    data: Path = typer.Option(..., "--data", "-d", help="Directory of input files (e.g. a held-out set)."),
+    thresholds: Optional[Path] = typer.Option(None, "--thresholds", help="Threshold file (.cache, .json, .flatbuffers) to build the INT8 model from."),
+    qdq: Optional[Path] = typer.Option(None, "--qdq", help="An INT8 Q/DQ model to compare instead."),
+    against: Optional[Path] = typer.Option(None, "--against", help="A second threshold file: per-layer SQNR of both side by side."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help=".npy of integer labels, one per sample: adds top-1 of FP32 and INT8."),
+    isolated: bool = typer.Option(False, "--isolated", help="Each layer's own error, fed the FP32 activations."),
+    keep_fp32: Optional[int] = typer.Option(None, "--keep-fp32", help="Propose the K layers to keep in FP32 and re-measure."),
+    target_sqnr: Optional[float] = typer.Option(None, "--target-sqnr", help="Keep layers in FP32 until the final SQNR reaches DB."),
+    mixed_out: Path = typer.Option(Path("mixed.qdq.onnx"), "--mixed-out", help="Where --keep-fp32/--target-sqnr write their Q/DQ model."),
+    weights: str = typer.Option("max", "--weights", help="Per-channel weight amax: max or mse."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write SQNR per layer as an image (.png, .svg, .pdf)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N samples."),
+) -> None:
+    """Per-layer FP32 vs INT8 drift (SQNR, cosine, relative and max error), worst first."""
+    from quantlab.atomic import check_writable
+    from quantlab.data import CalibrationData
+    from quantlab.drift import _load_labels, measure_drift, measure_isolated, propose_fp32
+    from quantlab.model import input_specs, load_model
+    from quantlab.report import drift_table, fp32_proposal_table, sqnr_comparison_table
+
+    for path in (json_out, plot) + ((mixed_out,) if keep_fp32 is not None or target_sqnr is not None else ()):
+        if path is not None:
+            check_writable(path)
+    calibration = CalibrationData(data, input_specs(load_model(model)), batch_size=batch_size, limit=limit)
+    expected = _load_labels(labels)
+    int8, source = _int8_model(model, thresholds, qdq, weights)
+    measure = measure_isolated if isolated else measure_drift
+    options = {} if isolated else {"labels": expected}
+    report = measure(model, int8, calibration, **options)
+    report.metadata.update(source)
+    console = _console()
+    console.print(drift_table(report, title=f"{report.metadata['mode']} drift, worst first ({source.get('method', 'Q/DQ model')})"))
+    if against is not None:
+        other_model, other_source = _int8_model(model, against, None, weights)
+        other = measure(model, other_model, calibration, **options)
+        console.print(sqnr_comparison_table(report, other, str(thresholds or qdq), str(against)))
+    if json_out is not None:
+        report.save_json(json_out)
+        console.print(f"wrote {json_out}")
+    if plot is not None:
+        from quantlab.plots import plot_drift
+
+        _save_figure(plot_drift(report), plot)
+        console.print(f"wrote {plot}")
+    if keep_fp32 is not None or target_sqnr is not None:
+        if thresholds is None:
+            raise QuantlabError("--keep-fp32/--target-sqnr rebuild the INT8 model: give --thresholds, not --qdq")
+        from quantlab.formats import read_thresholds
+
+        steps, mixed = propose_fp32(
+            model, read_thresholds(thresholds).amax, calibration, keep=keep_fp32, target_sqnr=target_sqnr,
+            labels=expected, weight_method=weights,
+        )
+        console.print(fp32_proposal_table(steps))
+        from quantlab.atomic import atomic_write
+
+        with atomic_write(mixed_out) as handle:
+            handle.write(mixed.SerializeToString())
+        console.print(f"wrote {mixed_out}: layers kept in FP32: {', '.join(steps[-1].kept_fp32) or 'none'}")
+
+
 @app.command()
 def demo(
     out: Path = typer.Option(Path("quantlab-demo"), "--out", "-o", help="Directory for every artifact of the demo."),

@@ -114,3 +114,36 @@ def drift_table(report, title: str = "per-layer drift, worst first") -> Table:
         )
     table.caption = "\n".join(lines)
     return table
+
+
+def sqnr_comparison_table(first, second, first_label: str, second_label: str) -> Table:
+    """Per-tensor SQNR of two INT8 variants side by side (graph order), with the difference."""
+    table = Table(title="SQNR per tensor (dB), two calibrations")
+    table.add_column("tensor", overflow="fold", min_width=16)
+    for column in (first_label, second_label, "difference"):
+        table.add_column(column, justify="right", no_wrap=True)
+    other = {layer.name: layer.sqnr_db for layer in [*second.layers, *second.final["outputs"]]}
+    for layer in [*first.layers, *first.final["outputs"]]:
+        theirs = other.get(layer.name)
+        table.add_row(
+            layer.name,
+            Text(f"{layer.sqnr_db:.2f}", style=_severity(layer.sqnr_db)),
+            "-" if theirs is None else Text(f"{theirs:.2f}", style=_severity(theirs)),
+            "-" if theirs is None else f"{theirs - layer.sqnr_db:+.2f}",
+        )
+    return table
+
+
+def fp32_proposal_table(steps) -> Table:
+    """Final SQNR (and top-1) as the most sensitive layers are kept in FP32 one by one."""
+    table = Table(title="keeping the most sensitive layers in FP32")
+    for column in ("layers kept in FP32", "final SQNR dB", "top-1 INT8", "top-1 FP32"):
+        table.add_column(column, justify="left" if column.startswith("layers") else "right", overflow="fold")
+    for step in steps:
+        table.add_row(
+            ", ".join(step.kept_fp32) or "(none)",
+            Text(f"{step.sqnr_db:.2f}", style=_severity(step.sqnr_db)),
+            "-" if step.top1_int8 is None else f"{step.top1_int8:.2%}",
+            "-" if step.top1_fp32 is None else f"{step.top1_fp32:.2%}",
+        )
+    return table
