@@ -29,6 +29,10 @@ _EXPORTS = {
     "DriftReport": "quantlab.drift",
     "write_cache": "quantlab.formats.trt_cache",
     "CalibrationData": "quantlab.data",
+    "compute_amax": "quantlab.calibration",
+    "calibrate": "quantlab.calibration",
+    "kl_curve": "quantlab.calibration",
+    "METHODS": "quantlab.calibration",
     "QuantlabError": "quantlab.errors",
 }
 

@@ -1,0 +1,44 @@
+"""MSE calibration: the bin center that, used as amax, minimizes the histogram's quantization error.
+
+The threshold of ModelOpt's ``_compute_amax_mse`` as intended: candidates are the centers of bins start_bin .. N-1
+(stride); each candidate fake-quantizes every bin center in float32 (round half to even, narrow range) and scores
+``mean(counts * (quantized - center)^2)``; the first minimum wins. The per-bin errors use the same float32 operations
+as ModelOpt; only the sum is float64 (torch's float32 reduction order cannot be reproduced), which decides the same
+argmin unless two candidates tie to ~1e-7. (ModelOpt 0.47 passes num_bits where `fake_tensor_quant` now expects a
+bias, which breaks its search; see docs/kl.md.)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from quantlab.calibration._common import abs_histogram, check_bool, check_int
+from quantlab.histogram import Histogram
+
+CHUNK_ELEMENTS = 1 << 15  # candidates x bins per block: small temporaries stay in cache
+ZERO_AMAX = np.float32(1.0 / (1 << 24))  # ModelOpt quantizes everything to 0 for amax below this
+
+
+def amax(hist: Histogram, *, num_bits: int = 8, unsigned: bool = False, start_bin: int = 128, stride: int = 1) -> float:
+    """The bin center minimizing the mean squared quantization error of the |x| histogram."""
+    magnitude_bits = check_int("num_bits", num_bits, 2, 16) - 1 + int(check_bool("unsigned", unsigned))
+    bound = np.float32(2.0**magnitude_bits - 1)  # 127 for int8
+    counts, edges = abs_histogram(hist)
+    counts, edges = counts.astype(np.float32), edges.astype(np.float32)
+    centers = (edges[1:] + edges[:-1]) / np.float32(2)
+    # ModelOpt searches centers[start_bin:]; with fewer bins its list is empty (it raises): use the last center
+    first = min(check_int("start_bin", start_bin, 0), centers.size - 1)
+    cands = np.arange(first, centers.size, check_int("stride", stride, 1))
+    low = np.float32(0) if unsigned else -bound
+    used = counts > 0  # empty bins add exactly 0
+    values, weights = centers[used], counts[used]
+    errors = np.empty(cands.size)
+    step = max(1, CHUNK_ELEMENTS // max(1, values.size))
+    for lo in range(0, cands.size, step):
+        amaxes = centers[cands[lo : lo + step], None]
+        scale = bound / amaxes
+        zero = amaxes <= ZERO_AMAX
+        scale[zero] = 0
+        quantized = np.clip(np.rint(values * scale), low, bound) / np.where(zero, np.float32(1), scale)
+        errors[lo : lo + step] = (np.square(quantized - values) * weights).sum(axis=1, dtype=np.float64)
+    return float(centers[cands[np.argmin(errors)]])
