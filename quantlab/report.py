@@ -147,3 +147,57 @@ def fp32_proposal_table(steps) -> Table:
             "-" if step.top1_fp32 is None else f"{step.top1_fp32:.2%}",
         )
     return table
+
+
+def clipping_table(histograms: HistogramSet, amax: dict[str, float], rows: int = 10) -> Table:
+    """The tensors the thresholds clip the most (lowest amax / max|x|), with the share of values clipped."""
+    from quantlab.plots import clipped_fraction
+
+    table = Table(title=f"the {rows} tensors clipped the most")
+    for column in ("tensor", "amax", "max|x|", "amax / max|x|", "values clipped"):
+        table.add_column(column, justify="left" if column == "tensor" else "right", overflow="fold")
+    ratio = {name: (amax[name] / hist.amax if hist.amax else 1.0) for name, hist in histograms.items() if name in amax}
+    for name in sorted(ratio, key=ratio.get)[:rows]:
+        hist = histograms[name]
+        table.add_row(name, _fmt(amax[name]), _fmt(hist.amax), f"{ratio[name]:.3f}", f"{clipped_fraction(hist, amax[name]):.4%}")
+    return table
+
+
+def comparison_table(histograms: HistogramSet, tables: dict[str, dict[str, float]]) -> Table:
+    """amax per tensor for several methods side by side, with max|x| for scale."""
+    table = Table(title="amax per tensor and method")
+    table.add_column("tensor", overflow="fold", min_width=16)
+    table.add_column("max|x|", justify="right", no_wrap=True)
+    for label in tables:
+        table.add_column(label, justify="right", no_wrap=True)
+    for name, hist in histograms.items():
+        table.add_row(name, _fmt(hist.amax), *(_fmt(values.get(name)) for values in tables.values()))
+    return table
+
+
+def thresholds_table(thresholds, title: str) -> Table:
+    """A threshold file's tensors: scale (amax/127, as TensorRT stores it) and amax; the header in the caption."""
+    table = Table(title=title)
+    for column in ("tensor", "scale", "amax"):
+        table.add_column(column, justify="left" if column == "tensor" else "right", overflow="fold")
+    for name, amax in thresholds.amax.items():
+        table.add_row(name, f"{amax / 127:.6g}", f"{amax:.6g}")
+    meta = thresholds.metadata
+    details = [f"{key}: {meta[key]}" for key in ("header", "trt_version", "algorithm", "method", "variant") if meta.get(key)]
+    table.caption = f"{len(thresholds.amax)} tensors" + (f"; {', '.join(details)}" if details else "")
+    return table
+
+
+def diff_table(result, first: str, second: str, top: int = 30) -> Table:
+    """Per-tensor amax of two threshold files and their ratio, worst first."""
+    table = Table(title=f"A = {first}, B = {second}")
+    for column in ("tensor", "amax A", "amax B", "B / A"):
+        table.add_column(column, justify="left" if column == "tensor" else "right", overflow="fold")
+    rows = result.rows if top <= 0 else result.rows[:top]
+    for row in rows:
+        ratio = "missing" if row.missing else f"{row.ratio:.4f}"
+        style = "bold red" if row.missing or row.log_ratio > 0.0953 else "yellow" if row.log_ratio > 0.00995 else ""
+        table.add_row(row.name, _fmt(row.amax_a), _fmt(row.amax_b), Text(ratio, style=style))
+    if top > 0 and len(result.rows) > top:
+        table.caption = f"{len(result.rows) - top} more rows (--top 0 shows all)"
+    return table

@@ -37,6 +37,9 @@ def _method(method: str, options: Mapping) -> Callable[..., float]:
 def _amax(hist: Histogram, func: Callable[..., float], options: Mapping, name: str | None) -> float:
     if not isinstance(hist, Histogram):
         raise QuantlabError(f"expected a quantlab Histogram, got {type(hist).__name__}")
+    if hist.total == 0 and (hist.nan_count or hist.inf_count):
+        what = f"{'tensor ' + repr(name) if name else 'histogram'}"
+        raise QuantlabError(f"{what} has only NaN/Inf values ({hist.nan_count} NaN, {hist.inf_count} Inf): no threshold")
     if hist.total == 0 or hist.amax == 0:
         what = "holds no values" if hist.total == 0 else "is all zeros"
         warnings.warn(f"{'tensor ' + repr(name) if name else 'histogram'} {what}: amax = 0", stacklevel=3)

@@ -1,0 +1,1 @@
+"""Optional inference backends. Each one imports its heavy dependency inside its functions, never at import time."""
