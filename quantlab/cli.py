@@ -409,15 +409,24 @@ def demo(
     paths = demo_paths()
     console = _console()
     console.print(f"demo model {paths.model}\ncalibration data {paths.calib}")
+    from quantlab.report import drift_table
+
     samples = len(CalibrationData(paths.calib, input_specs(load_model(paths.model))))
     with _progress(samples, quiet) as progress:
         result = run_demo(out, progress=progress)
     for label, path in result.written.items():
         console.print(f"  wrote {path}  ({label})")
-    histograms = result.written["histograms"]
+    final = result.report.final
+    console.print(
+        f"\nheld-out top-1 ({final['samples']} samples): FP32 {final['top1_fp32']:.2%}, "
+        f"INT8 Q/DQ in ONNX Runtime {final['top1_int8']:.2%}"
+    )
+    console.print(drift_table(result.report, title="INT8 drift per tensor, worst first (KL thresholds)"))
+    histograms, written = result.written["histograms"], result.written
     console.print("\nnext:")
-    console.print(f"  quantlab show {histograms}")
-    console.print(f"  quantlab show {histograms} {result.long_tail_tensor}   # the longest-tailed tensor")
+    console.print(f"  quantlab show {histograms} {result.most_clipped_tensor}   # the tensor KL clips the most")
+    console.print(f"  quantlab calibrate {histograms} --compare max,kl,percentile,mse")
+    console.print(f"  quantlab drift {written['FP32 model']} -d {paths.eval_inputs} --thresholds {written['KL thresholds']} --isolated")
 
 
 def main() -> None:

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from quantlab.atomic import atomic_write
 from quantlab.collection import Progress, collect
 from quantlab.errors import QuantlabError
+
+if TYPE_CHECKING:
+    from quantlab.drift import DriftReport
 
 _DATA_DIR_NAME = "calib_data"
 
@@ -37,10 +41,11 @@ class DemoPaths:
 
 @dataclass
 class DemoResult:
-    """What the demo wrote (label -> path) and the tensor worth a first look."""
+    """What the demo wrote (label -> path), the drift report, and the tensor KL clips the most."""
 
     written: dict[str, Path] = field(default_factory=dict)
-    long_tail_tensor: str = ""
+    most_clipped_tensor: str = ""
+    report: DriftReport | None = None
 
 
 def demo_paths() -> DemoPaths:
@@ -57,7 +62,11 @@ def demo_paths() -> DemoPaths:
 
 def run_demo(out: str | Path, progress: Progress | None = None) -> DemoResult:
     """Run the pipeline on the bundled model into directory `out`; returns what was written."""
-    from quantlab.report import tail_mass
+    from quantlab.calibration import calibrate
+    from quantlab.drift import measure_drift
+    from quantlab.formats import Thresholds, write_thresholds
+    from quantlab.formats.qdq import export_qdq
+    from quantlab.plots import plot_drift
 
     paths = demo_paths()
     out = Path(out)
@@ -73,5 +82,21 @@ def run_demo(out: str | Path, progress: Progress | None = None) -> DemoResult:
 
     histograms = collect(model_copy, paths.calib, progress=progress)
     result.written["histograms"] = histograms.save(out / "histograms.npz")
-    result.long_tail_tensor = max(histograms, key=lambda name: tail_mass(histograms[name]))
+
+    amax = calibrate(histograms, "kl")
+    thresholds = Thresholds(amax, {"method": "kl", "variant": "tensorrt", "source": {"histograms": "histograms.npz"}})
+    for name, path in (("KL thresholds", out / "thresholds.json"), ("TensorRT calibration cache", out / "model.cache")):
+        write_thresholds(path, thresholds)
+        result.written[name] = path
+    result.most_clipped_tensor = min(amax, key=lambda name: amax[name] / (histograms[name].amax or 1.0))
+
+    qdq_path = export_qdq(model_copy, thresholds, out / "model.qdq.onnx")
+    result.written["Q/DQ INT8 model"] = qdq_path
+    result.report = measure_drift(model_copy, qdq_path, paths.eval_inputs, labels=paths.eval_labels)
+    result.report.metadata["method"] = "kl (tensorrt)"
+    result.written["drift report"] = result.report.save_json(out / "drift.json")
+    figure = plot_drift(result.report)
+    with atomic_write(out / "drift.png") as handle:
+        figure.savefig(handle, format="png", dpi=120)
+    result.written["drift plot"] = out / "drift.png"
     return result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -64,11 +65,22 @@ def test_collect_then_show(tmp_path):
     assert_one_line_error(run("show", str(out), "logit"), 2, "no tensor named 'logit'", "did you mean logits")
 
 
-def test_demo_writes_model_and_histograms(tmp_path):
-    result = run("demo", "--out", str(tmp_path / "demo"))
+def test_demo_runs_every_stage(tmp_path):
+    out = tmp_path / "demo"
+    result = run("demo", "--out", str(out))
     assert result.returncode == 0, result.stderr
-    assert (tmp_path / "demo" / "model.onnx").read_bytes() == DEMO_MODEL.read_bytes()
-    assert len(quantlab.load_histograms(tmp_path / "demo" / "histograms.npz")) == 15
+    assert (out / "model.onnx").read_bytes() == DEMO_MODEL.read_bytes()
+    histograms = quantlab.load_histograms(out / "histograms.npz")
+    assert len(histograms) == 15
+    kl = quantlab.read_thresholds(out / "thresholds.json")
+    assert kl.amax == pytest.approx(quantlab.calibrate(histograms, "kl"))
+    cache = quantlab.read_thresholds(out / "model.cache")
+    assert cache.amax == pytest.approx(kl.amax, rel=1e-6)
+    report = json.loads((out / "drift.json").read_text())
+    top1 = report["final"]["top1_int8"]
+    assert abs(top1 - report["final"]["top1_fp32"]) <= 0.01
+    assert f"INT8 Q/DQ in ONNX Runtime {top1:.2%}" in result.stdout and "worst first" in result.stdout
+    assert (out / "model.qdq.onnx").stat().st_size > 0 and (out / "drift.png").stat().st_size > 5000
     assert "quantlab show" in result.stdout
 
 

@@ -332,7 +332,7 @@ def _build(
     if not Path(model_path).is_file():
         raise QuantlabError(f"{model_path}: model file not found")
     if layer_precisions and cache is None:
-        raise QuantlabError("layer precisions apply to the cache path; on the Q/DQ path keep layers in float at export")
+        raise QuantlabError("layer precisions apply to the cache path; for a Q/DQ model keep layers float at export (keep_fp32)")
     strongly_typed = cache is None and caps.strongly_typed
     flags = 0
     if caps.explicit_batch_flag:
