@@ -164,11 +164,19 @@ def merge(
 def show(
     histograms_file: Path = typer.Argument(..., metavar="HISTOGRAMS", help="Histogram file from `quantlab collect`."),
     tensor: Optional[str] = typer.Argument(None, help="One tensor to show in detail."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="With TENSOR: write its histogram with the thresholds as an image."),
+    thresholds: Optional[list[Path]] = typer.Option(None, "--thresholds", help="Threshold files to mark on the plot (repeatable)."),
 ) -> None:
     """Table of every tensor's histogram statistics, or one tensor's histogram in detail."""
     from quantlab.histogram import load_histograms
     from quantlab.report import histogram_table, tensor_detail
 
+    if plot is not None:
+        from quantlab.atomic import check_writable
+
+        if tensor is None:
+            raise QuantlabError("--plot needs a TENSOR")
+        check_writable(plot)
     histograms = load_histograms(histograms_file)
     console = _console()
     if tensor is None:
@@ -180,131 +188,21 @@ def show(
         close = difflib.get_close_matches(tensor, list(histograms), n=3, cutoff=0.3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise QuantlabError(f"{histograms_file}: no tensor named {tensor!r}{hint}")
-    console.print(tensor_detail(tensor, histograms[tensor]))
-
-
-def _method_options(method: str, variant: Optional[str], percentile: Optional[float], exact_zeros: Optional[bool]) -> dict:
-    options: dict = {}
-    if variant is not None:
-        options["variant"] = variant
-    if percentile is not None:
-        if method != "percentile":
-            raise QuantlabError("--percentile goes with --method percentile")
-        options["percentile"] = percentile
-    if exact_zeros is not None:
-        options["exact_zeros"] = exact_zeros
-    return options
-
-
-@app.command()
-def calibrate(
-    histograms_file: Path = typer.Argument(..., metavar="HISTOGRAMS", help="Histogram file from `quantlab collect`."),
-    method: str = typer.Option("kl", "--method", "-m", help="kl, max, percentile or mse."),
-    variant: Optional[str] = typer.Option(None, "--variant", help="kl: tensorrt (default), modelopt, onnxruntime; percentile: modelopt, onnxruntime."),
-    percentile: Optional[float] = typer.Option(None, "--percentile", help="Percentile of |x| for --method percentile (default 99.99)."),
-    exact_zeros: Optional[bool] = typer.Option(None, "--exact-zeros/--literal", help="kl tensorrt: exact zeros as their own level (default) or the slides verbatim."),
-    out: Path = typer.Option(Path("thresholds.json"), "--out", "-o", help="Output: .json (quantlab table), .cache (TensorRT), .flatbuffers (ORT TensorRT EP)."),
-    format: Optional[str] = typer.Option(None, "--format", help="json, trt-cache or ort-table (default: from the extension)."),
-    trt_version: Optional[str] = typer.Option(None, "--trt-version", help="TensorRT version the cache is for (header code), e.g. 8.6.1 or 10.3.0."),
-    compare: Optional[str] = typer.Option(None, "--compare", help="Comma-separated methods (or method:variant) to show side by side, e.g. max,kl,percentile."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="With --compare: write amax per tensor per method as an image."),
-) -> None:
-    """Per-tensor thresholds (amax) from histograms, written as a JSON table, TensorRT cache or ORT table."""
-    import time
-
-    from quantlab.atomic import check_writable
-    from quantlab.calibration import calibrate as calibrate_all
-    from quantlab.formats import Thresholds, write_thresholds
-    from quantlab.histogram import load_histograms
-    from quantlab.model import file_sha256
-    from quantlab.report import clipping_table, comparison_table
-
-    check_writable(out)
+    hist = histograms[tensor]
+    console.print(tensor_detail(tensor, hist))
     if plot is not None:
-        if compare is None:
-            raise QuantlabError("--plot goes with --compare")
-        check_writable(plot)
-    options = _method_options(method, variant, percentile, exact_zeros)
-    histograms = load_histograms(histograms_file)
-    started = time.perf_counter()
-    amax = calibrate_all(histograms, method, **options)
-    seconds = time.perf_counter() - started
-    metadata = {
-        "method": method,
-        "variant": options.get("variant", "tensorrt" if method == "kl" else None),
-        "options": options,
-        "source": {
-            "histograms": str(histograms_file),
-            "sha256": file_sha256(histograms_file),
-            "model_sha256": histograms.metadata.get("model_sha256"),
-        },
-    }
-    write_options = {"trt_version": trt_version} if trt_version else {}
-    write_thresholds(out, Thresholds(amax, metadata), format=format, **write_options)
-    console = _console()
-    console.print(clipping_table(histograms, amax))
-    described = " ".join([method, *(f"{key}={value}" for key, value in options.items())])
-    console.print(f"wrote {out}: {len(amax)} tensors, method {described}, {seconds * 1000:.1f} ms")
-    if compare is not None:
-        tables = {}
-        for spec in (item.strip() for item in compare.split(",") if item.strip()):
-            name, _, spec_variant = spec.partition(":")
-            tables[spec] = calibrate_all(histograms, name, **({"variant": spec_variant} if spec_variant else {}))
-        console.print(comparison_table(histograms, tables))
-        if plot is not None:
-            from quantlab.plots import plot_threshold_comparison
+        from quantlab.calibration import calibrate as calibrate_all
+        from quantlab.formats import read_thresholds
+        from quantlab.plots import plot_histogram
 
-            _save_figure(plot_threshold_comparison(tables), plot)
-            console.print(f"wrote {plot}")
-
-
-cache_app = typer.Typer(help="Inspect threshold files (TensorRT caches, JSON tables, ORT tables).", no_args_is_help=True)
-app.add_typer(cache_app, name="cache")
-
-
-@cache_app.command("show")
-def cache_show(path: Path = typer.Argument(..., help="A .cache, .json or .flatbuffers threshold file.")) -> None:
-    """Print a threshold file as a table: tensor, scale (amax/127), amax."""
-    from quantlab.formats import read_thresholds
-    from quantlab.report import thresholds_table
-
-    table = read_thresholds(path)
-    _console().print(thresholds_table(table, title=str(path)))
-
-
-@app.command()
-def diff(
-    first: Path = typer.Argument(..., metavar="A", help="Threshold file (cache or table)."),
-    second: Path = typer.Argument(..., metavar="B", help="Threshold file to compare with."),
-    top: int = typer.Option(30, "--top", help="Rows to show (worst first); 0 for all."),
-) -> None:
-    """amax per tensor of two threshold files, ratio B/A, worst first; how many differ by more than 1% and 10%."""
-    from quantlab.formats import diff_thresholds, read_thresholds
-    from quantlab.report import diff_table
-
-    result = diff_thresholds(read_thresholds(first), read_thresholds(second))
-    console = _console()
-    console.print(diff_table(result, str(first), str(second), top))
-    console.print(
-        f"{result.compared} tensors in both: {result.over_1pct} differ by more than 1%, {result.over_10pct} by more "
-        f"than 10%; only in A: {result.only_a}, only in B: {result.only_b}"
-    )
-
-
-@app.command()
-def export(
-    model: Path = typer.Argument(..., help="FP32 ONNX model."),
-    thresholds: Path = typer.Option(..., "--thresholds", help="Threshold file (.cache, .json or .flatbuffers)."),
-    out: Path = typer.Option(Path("model.qdq.onnx"), "--out", "-o", help="Q/DQ ONNX model to write."),
-    weights: str = typer.Option("max", "--weights", help="Per-channel weight amax: max or mse."),
-    keep_fp32: Optional[list[str]] = typer.Option(None, "--keep-fp32", help="Node (or output tensor) names to leave in FP32."),
-) -> None:
-    """Explicit quantization: write the Q/DQ model (symmetric int8) for TensorRT 10-11 and ONNX Runtime."""
-    from quantlab.formats import read_thresholds
-    from quantlab.formats.qdq import export_qdq
-
-    written = export_qdq(model, read_thresholds(thresholds), out, weight_method=weights, keep_fp32=_split_patterns(keep_fp32) or ())
-    _console().print(f"wrote {written}")
+        marks = {method: calibrate_all({tensor: hist}, method)[tensor] for method in ("max", "kl", "percentile", "mse")}
+        for path in thresholds or []:
+            table = read_thresholds(path)
+            if tensor not in table.amax:
+                raise QuantlabError(f"{path}: no threshold for tensor {tensor!r}")
+            marks[path.name] = table.amax[tensor]
+        _save_figure(plot_histogram(hist, marks, title=tensor), plot)
+        console.print(f"wrote {plot}")
 
 
 def _save_figure(figure, path: Path) -> None:

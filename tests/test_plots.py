@@ -50,3 +50,15 @@ def test_threshold_comparison_plots_every_table(histograms):
     assert [line.get_label() for line in ax.lines] == ["max", "half"]
     np.testing.assert_allclose(ax.lines[1].get_ydata(), [h.amax / 2 for h in histograms.values()])
     assert len(ax.get_xticklabels()) == len(histograms)
+
+
+def test_show_plot_from_the_cli(histograms, tmp_path):
+    from test_cli import assert_one_line_error, run
+
+    path = histograms.save(tmp_path / "h.npz")
+    quantlab.write_thresholds(tmp_path / "half.json", {n: h.amax / 2 for n, h in histograms.items()})
+    out = tmp_path / "add.png"
+    result = run("show", str(path), "/Add_output_0", "--plot", str(out), "--thresholds", str(tmp_path / "half.json"))
+    assert result.returncode == 0, result.stderr
+    assert out.stat().st_size > 5000
+    assert_one_line_error(run("show", str(path), "--plot", str(out)), 2, "--plot needs a TENSOR")
