@@ -56,15 +56,20 @@ class _Sums:
     def add(self, reference: np.ndarray, observed: np.ndarray) -> None:
         if reference.shape != observed.shape:
             raise QuantlabRuntimeError(f"shape mismatch between FP32 {reference.shape} and INT8 {observed.shape} tensors")
-        x = reference.astype(np.float64).ravel()
-        y = observed.astype(np.float64).ravel()
-        error = x - y
-        self.xx += float(x @ x)
-        self.yy += float(y @ y)
-        self.xy += float(x @ y)
-        self.ee += float(error @ error)
-        self.max_abs = max(self.max_abs, float(np.max(np.abs(error), initial=0.0)))
-        self.values += x.size
+        pair = np.empty((2, reference.size))
+        pair[0], pair[1] = reference.ravel(), observed.ravel()
+        gram = pair @ pair.T  # xx, xy, yy in one BLAS pass over float64 copies
+        xx, xy, yy = float(gram[0, 0]), float(gram[0, 1]), float(gram[1, 1])
+        ee = xx + yy - 2 * xy
+        if ee <= 1e-6 * (xx + yy):  # nearly equal tensors: the difference form cancels, compute it directly
+            error = pair[0] - pair[1]
+            ee = float(error @ error)
+        self.xx += xx
+        self.yy += yy
+        self.xy += xy
+        self.ee += ee
+        self.max_abs = max(self.max_abs, float(np.max(np.abs(reference - observed), initial=0.0)))
+        self.values += reference.size
 
     def result(self, name: str, op_type: str) -> TensorDrift:
         sqnr = math.inf if self.ee == 0 else (10 * math.log10(self.xx / self.ee) if self.xx > 0 else -math.inf)

@@ -20,10 +20,12 @@ flags and layer precisions are set, against a minimal stand-in of the `tensorrt`
 quantlab makes, not that TensorRT accepts them. Reports from real runs are welcome.
 
 Details:
-- Cache header: TensorRT skips a cache whose `TRT-<version code>-<algorithm>` header is not its own and would then
-  calibrate with no data. The cache handed to TensorRT therefore gets the header of the running TensorRT and of the
-  calibrator (`EntropyCalibration2`), rewritten in memory with a warning when the file's differs; the file is left
-  alone and the scale lines, whose format has not changed since TensorRT 5, are passed on byte for byte.
+- Cache header: TensorRT skips a cache it finds incompatible (NVIDIA/TensorRT#1378), judging by the
+  `TRT-<version code>-<algorithm>` header, and would then calibrate with no data. Which headers it accepts is not
+  documented, so the cache handed to TensorRT always carries the running release's code and the calibrator's
+  algorithm (`EntropyCalibration2`): a file with another header is rewritten in memory, with a warning; the file is
+  left alone and the scale lines, whose format is the same in every release, are passed on byte for byte. Should
+  TensorRT still ask for data, the build stops with an error instead of producing an uncalibrated engine.
 - Layer precisions (cache path): a layer named in `layer_precisions`, by its name or the name of one of its output
   tensors (the ONNX tensor names drift reports), runs in and outputs that precision, under
   `OBEY_PRECISION_CONSTRAINTS` (`STRICT_TYPES` before 8.2): a kept-in-FP32 layer is then really FP32, or the build
@@ -93,7 +95,7 @@ class Capabilities:
 
     @property
     def precision_flag(self) -> str:
-        """The BuilderFlag that makes layer precisions binding: OBEY_PRECISION_CONSTRAINTS from 8.2, else STRICT_TYPES."""
+        """The BuilderFlag making layer precisions binding: OBEY_PRECISION_CONSTRAINTS from 8.2, else STRICT_TYPES."""
         return "OBEY_PRECISION_CONSTRAINTS" if (self.major, self.minor) >= (8, 2) else "STRICT_TYPES"
 
     @property
@@ -112,8 +114,8 @@ class Capabilities:
             raise QuantlabError(f"TensorRT {self.version} is not supported: quantlab needs TensorRT 8 or newer")
         if path == "cache" and not self.implicit_int8:
             raise QuantlabError(
-                f"TensorRT {self.version}: TensorRT 11 removed implicit INT8 calibration, so a calibration cache cannot "
-                "be used; export a Q/DQ model with `quantlab export` and build from it (the Q/DQ path)"
+                f"TensorRT {self.version}: TensorRT 11 removed implicit INT8 calibration, so a calibration cache "
+                "cannot be used; export a Q/DQ model with `quantlab export` and build from it (the Q/DQ path)"
             )
         if path == "qdq" and not self.explicit_int8:
             raise QuantlabError(
@@ -332,7 +334,7 @@ def _build(
     if not Path(model_path).is_file():
         raise QuantlabError(f"{model_path}: model file not found")
     if layer_precisions and cache is None:
-        raise QuantlabError("layer precisions apply to the cache path; for a Q/DQ model keep layers float at export (keep_fp32)")
+        raise QuantlabError("layer precisions apply to the cache path; a Q/DQ model keeps layers float at export")
     strongly_typed = cache is None and caps.strongly_typed
     flags = 0
     if caps.explicit_batch_flag:
@@ -368,7 +370,7 @@ def _build(
     engine = builder.build_serialized_network(network, config)
     if calibrator is not None and calibrator.asked_for_data:
         raise QuantlabRuntimeError(
-            "TensorRT did not accept the calibration cache and asked for calibration data, which quantlab does not supply"
+            "TensorRT did not accept the calibration cache and asked for calibration data (quantlab supplies none)"
         )
     if engine is None:
         raise QuantlabRuntimeError("TensorRT could not build the engine (its messages above say why)")
@@ -381,7 +383,7 @@ def _check_cache_matches(cache: bytes, network: Any, model_path: str | os.PathLi
     present = {network.get_input(index).name for index in range(network.num_inputs)}
     present |= {tensor.name for layer in _layers(network) for tensor in _outputs(layer)}
     if not names & present:
-        raise QuantlabError(f"none of the cache's {len(names)} tensors is in {model_path}: is it another model's cache?")
+        raise QuantlabError(f"none of the cache's {len(names)} tensors is in {model_path}: another model's cache?")
 
 
 def _calibrator(trt: Any, cache: bytes) -> Any:
@@ -501,35 +503,46 @@ class _LayerwiseEngine:
         if self.engine is None:
             raise QuantlabRuntimeError("TensorRT could not load the engine it built")
         self.context = self.engine.create_execution_context()
+        engine = self.engine
+        if self.caps.tensor_api:
+            self.names = [engine.get_tensor_name(index) for index in range(engine.num_io_tensors)]
+            self.inputs = [name for name in self.names if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT]
+        else:
+            self.names = [engine.get_binding_name(index) for index in range(engine.num_bindings)]
+            self.inputs = [name for index, name in enumerate(self.names) if engine.binding_is_input(index)]
+
+    def _dtype(self, name: str) -> np.dtype:
+        if self.caps.tensor_api:
+            return np.dtype(self.trt.nptype(self.engine.get_tensor_dtype(name)))
+        return np.dtype(self.trt.nptype(self.engine.get_binding_dtype(self.names.index(name))))
+
+    def _set_shape(self, name: str, shape: tuple[int, ...]) -> bool:
+        if self.caps.tensor_api:
+            return self.context.set_input_shape(name, shape)
+        return self.context.set_binding_shape(self.names.index(name), shape)
+
+    def _shape(self, name: str) -> tuple[int, ...]:
+        if self.caps.tensor_api:
+            return tuple(self.context.get_tensor_shape(name))
+        return tuple(self.context.get_binding_shape(self.names.index(name)))
 
     def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Copy `feed` in, execute, copy every output back: output name -> array."""
-        trt, engine, context = self.trt, self.engine, self.context
-        if self.caps.tensor_api:
-            names = [engine.get_tensor_name(index) for index in range(engine.num_io_tensors)]
-            inputs = [name for name in names if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT]
-            dtype_of, shape_of = engine.get_tensor_dtype, context.get_tensor_shape
-            set_shape = context.set_input_shape
-        else:
-            names = [engine.get_binding_name(index) for index in range(engine.num_bindings)]
-            inputs = [name for index, name in enumerate(names) if engine.binding_is_input(index)]
-            dtype_of = lambda name: engine.get_binding_dtype(names.index(name))  # noqa: E731
-            shape_of = lambda name: context.get_binding_shape(names.index(name))  # noqa: E731
-            set_shape = lambda name, shape: context.set_binding_shape(names.index(name), shape)  # noqa: E731
+        names, inputs, context = self.names, self.inputs, self.context
         missing = [name for name in inputs if name not in feed]
         if missing:
             raise QuantlabError(f"the feed has no value for engine input(s) {', '.join(missing)}")
         host = {}
         for name in inputs:
-            host[name] = np.ascontiguousarray(feed[name], dtype=trt.nptype(dtype_of(name)))
-            if not set_shape(name, host[name].shape):
+            host[name] = np.ascontiguousarray(feed[name], dtype=self._dtype(name))
+            if not self._set_shape(name, host[name].shape):
                 raise QuantlabRuntimeError(f"input {name}: shape {host[name].shape} is outside the engine's profile")
         for name in names:
             if name not in host:
-                shape = tuple(shape_of(name))
+                shape = self._shape(name)
                 if any(dim < 0 for dim in shape):
                     raise QuantlabRuntimeError(f"tensor {name}: data-dependent shape {shape} is not supported")
-                host[name] = np.empty(shape, dtype=trt.nptype(dtype_of(name)))
+                host[name] = np.empty(shape, dtype=self._dtype(name))
         try:
             pointers = {name: self.device.alloc(host[name].nbytes) for name in names}
             for name in inputs:
