@@ -205,6 +205,130 @@ def show(
         console.print(f"wrote {plot}")
 
 
+def _method_options(method: str, variant: Optional[str], percentile: Optional[float], exact_zeros: Optional[bool]) -> dict:
+    options: dict = {}
+    if variant is not None:
+        options["variant"] = variant
+    if percentile is not None:
+        if method != "percentile":
+            raise QuantlabError("--percentile goes with --method percentile")
+        options["percentile"] = percentile
+    if exact_zeros is not None:
+        options["exact_zeros"] = exact_zeros
+    return options
+
+
+@app.command()
+def calibrate(
+    histograms_file: Path = typer.Argument(..., metavar="HISTOGRAMS", help="Histogram file from `quantlab collect`."),
+    method: str = typer.Option("kl", "--method", "-m", help="kl, max, percentile or mse."),
+    variant: Optional[str] = typer.Option(None, "--variant", help="kl: tensorrt (default), modelopt, onnxruntime; percentile: modelopt, onnxruntime."),
+    percentile: Optional[float] = typer.Option(None, "--percentile", help="Percentile of |x| for --method percentile (default 99.99)."),
+    exact_zeros: Optional[bool] = typer.Option(None, "--exact-zeros/--literal", help="kl tensorrt: exact zeros as their own level (default) or the slides verbatim."),
+    out: Path = typer.Option(Path("thresholds.json"), "--out", "-o", help="Output: .json (quantlab table), .cache (TensorRT), .flatbuffers (ORT TensorRT EP)."),
+    format: Optional[str] = typer.Option(None, "--format", help="json, trt-cache or ort-table (default: from the extension)."),
+    trt_version: Optional[str] = typer.Option(None, "--trt-version", help="TensorRT version the cache is for (header code), e.g. 8.6.1 or 10.3.0."),
+    compare: Optional[str] = typer.Option(None, "--compare", help="Comma-separated methods (or method:variant) to show side by side, e.g. max,kl,percentile."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="With --compare: write amax per tensor per method as an image."),
+) -> None:
+    """Per-tensor thresholds (amax) from histograms, written as a JSON table, TensorRT cache or ORT table."""
+    import time
+
+    from quantlab.atomic import check_writable
+    from quantlab.calibration import calibrate as calibrate_all
+    from quantlab.formats import Thresholds, write_thresholds
+    from quantlab.histogram import load_histograms
+    from quantlab.model import file_sha256
+    from quantlab.report import clipping_table, comparison_table
+
+    check_writable(out)
+    if plot is not None:
+        if compare is None:
+            raise QuantlabError("--plot goes with --compare")
+        check_writable(plot)
+    options = _method_options(method, variant, percentile, exact_zeros)
+    histograms = load_histograms(histograms_file)
+    started = time.perf_counter()
+    amax = calibrate_all(histograms, method, **options)
+    seconds = time.perf_counter() - started
+    metadata = {
+        "method": method,
+        "variant": options.get("variant", "tensorrt" if method == "kl" else None),
+        "options": options,
+        "source": {
+            "histograms": str(histograms_file),
+            "sha256": file_sha256(histograms_file),
+            "model_sha256": histograms.metadata.get("model_sha256"),
+        },
+    }
+    write_options = {"trt_version": trt_version} if trt_version else {}
+    write_thresholds(out, Thresholds(amax, metadata), format=format, **write_options)
+    console = _console()
+    console.print(clipping_table(histograms, amax))
+    described = " ".join([method, *(f"{key}={value}" for key, value in options.items())])
+    console.print(f"wrote {out}: {len(amax)} tensors, method {described}, {seconds * 1000:.1f} ms")
+    if compare is not None:
+        tables = {}
+        for spec in (item.strip() for item in compare.split(",") if item.strip()):
+            name, _, spec_variant = spec.partition(":")
+            tables[spec] = calibrate_all(histograms, name, **({"variant": spec_variant} if spec_variant else {}))
+        console.print(comparison_table(histograms, tables))
+        if plot is not None:
+            from quantlab.plots import plot_threshold_comparison
+
+            _save_figure(plot_threshold_comparison(tables), plot)
+            console.print(f"wrote {plot}")
+
+
+cache_app = typer.Typer(help="Inspect threshold files (TensorRT caches, JSON tables, ORT tables).", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("show")
+def cache_show(path: Path = typer.Argument(..., help="A .cache, .json or .flatbuffers threshold file.")) -> None:
+    """Print a threshold file as a table: tensor, scale (amax/127), amax."""
+    from quantlab.formats import read_thresholds
+    from quantlab.report import thresholds_table
+
+    table = read_thresholds(path)
+    _console().print(thresholds_table(table, title=str(path)))
+
+
+@app.command()
+def diff(
+    first: Path = typer.Argument(..., metavar="A", help="Threshold file (cache or table)."),
+    second: Path = typer.Argument(..., metavar="B", help="Threshold file to compare with."),
+    top: int = typer.Option(30, "--top", help="Rows to show (worst first); 0 for all."),
+) -> None:
+    """amax per tensor of two threshold files, ratio B/A, worst first; how many differ by more than 1% and 10%."""
+    from quantlab.formats import diff_thresholds, read_thresholds
+    from quantlab.report import diff_table
+
+    result = diff_thresholds(read_thresholds(first), read_thresholds(second))
+    console = _console()
+    console.print(diff_table(result, str(first), str(second), top))
+    console.print(
+        f"{result.compared} tensors in both: {result.over_1pct} differ by more than 1%, {result.over_10pct} by more "
+        f"than 10%; only in A: {result.only_a}, only in B: {result.only_b}"
+    )
+
+
+@app.command()
+def export(
+    model: Path = typer.Argument(..., help="FP32 ONNX model."),
+    thresholds: Path = typer.Option(..., "--thresholds", help="Threshold file (.cache, .json or .flatbuffers)."),
+    out: Path = typer.Option(Path("model.qdq.onnx"), "--out", "-o", help="Q/DQ ONNX model to write."),
+    weights: str = typer.Option("max", "--weights", help="Per-channel weight amax: max or mse."),
+    keep_fp32: Optional[list[str]] = typer.Option(None, "--keep-fp32", help="Node (or output tensor) names to leave in FP32."),
+) -> None:
+    """Explicit quantization: write the Q/DQ model (symmetric int8) for TensorRT 10-11 and ONNX Runtime."""
+    from quantlab.formats import read_thresholds
+    from quantlab.formats.qdq import export_qdq
+
+    written = export_qdq(model, read_thresholds(thresholds), out, weight_method=weights, keep_fp32=_split_patterns(keep_fp32) or ())
+    _console().print(f"wrote {written}")
+
+
 def _save_figure(figure, path: Path) -> None:
     """Write a matplotlib figure atomically, in the format its extension names."""
     from quantlab.atomic import atomic_write
@@ -228,6 +352,40 @@ def _int8_model(model: Path, thresholds: Optional[Path], qdq: Optional[Path], we
     return quantize_qdq(model, table, weight_method=weights), {"thresholds": str(thresholds), "method": method}
 
 
+def _tensorrt_drift(model: Path, cache: Optional[Path], qdq: Optional[Path], data, labels, unsupported) -> object:
+    """Accumulated drift against a TensorRT engine built from the cache (TensorRT 8-10) or the Q/DQ model."""
+    from quantlab.backends.tensorrt import TensorRTPairedRunner
+    from quantlab.drift import paired_report
+
+    if unsupported:
+        raise QuantlabError("--engine tensorrt measures accumulated drift only (no --isolated, --against, --keep-fp32)")
+    if (cache is None) == (qdq is None):
+        raise QuantlabError("give exactly one of --thresholds FILE.cache and --qdq MODEL")
+    runner = TensorRTPairedRunner(model, cache_path=cache, qdq_model_path=qdq)
+    return paired_report(runner, model, data, labels=labels)
+
+
+@app.command()
+def build(
+    model: Path = typer.Argument(..., help="FP32 ONNX model with --cache (TensorRT 8-10), or a Q/DQ model (TensorRT 10-11)."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="quantlab's TensorRT calibration cache (implicit INT8)."),
+    out: Path = typer.Option(Path("model.engine"), "--out", "-o", help="Serialized TensorRT engine to write."),
+    fp16: bool = typer.Option(True, "--fp16/--no-fp16", help="Let TensorRT use FP16 where INT8 does not apply."),
+    keep_fp32: Optional[list[str]] = typer.Option(None, "--layer-fp32", help="Layers (or their output tensors) to keep in FP32 (cache path)."),
+) -> None:
+    """Build a TensorRT engine from a calibration cache or a Q/DQ model (needs the tensorrt extra and a GPU)."""
+    from quantlab.backends.tensorrt import build_engine_from_cache, build_engine_from_qdq
+
+    if cache is not None:
+        precisions = {name: "fp32" for name in _split_patterns(keep_fp32) or []}
+        written = build_engine_from_cache(model, cache, out, fp16=fp16, layer_precisions=precisions or None)
+    else:
+        if keep_fp32:
+            raise QuantlabError("--layer-fp32 goes with --cache; for a Q/DQ model use `quantlab export --keep-fp32`")
+        written = build_engine_from_qdq(model, out, fp16=fp16)
+    _console().print(f"wrote {written}")
+
+
 @app.command()
 def drift(
     model: Path = typer.Argument(..., help="FP32 ONNX model."),
@@ -241,6 +399,7 @@ def drift(
     target_sqnr: Optional[float] = typer.Option(None, "--target-sqnr", help="Keep layers in FP32 until the final SQNR reaches DB."),
     mixed_out: Path = typer.Option(Path("mixed.qdq.onnx"), "--mixed-out", help="Where --keep-fp32/--target-sqnr write their Q/DQ model."),
     weights: str = typer.Option("max", "--weights", help="Per-channel weight amax: max or mse."),
+    engine: str = typer.Option("onnxruntime", "--engine", help="INT8 engine to compare: onnxruntime, or tensorrt (optional extra)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write SQNR per layer as an image (.png, .svg, .pdf)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b"),
@@ -258,10 +417,16 @@ def drift(
             check_writable(path)
     calibration = CalibrationData(data, input_specs(load_model(model)), batch_size=batch_size, limit=limit)
     expected = _load_labels(labels)
-    int8, source = _int8_model(model, thresholds, qdq, weights)
-    measure = measure_isolated if isolated else measure_drift
-    options = {} if isolated else {"labels": expected}
-    report = measure(model, int8, calibration, **options)
+    if engine == "tensorrt":
+        report = _tensorrt_drift(model, thresholds, qdq, calibration, expected, isolated or against or keep_fp32 or target_sqnr)
+        source = {"engine": "tensorrt", "thresholds": str(thresholds or qdq)}
+    elif engine == "onnxruntime":
+        int8, source = _int8_model(model, thresholds, qdq, weights)
+        measure = measure_isolated if isolated else measure_drift
+        options = {} if isolated else {"labels": expected}
+        report = measure(model, int8, calibration, **options)
+    else:
+        raise QuantlabError(f"--engine {engine}: expected onnxruntime or tensorrt")
     report.metadata.update(source)
     console = _console()
     console.print(drift_table(report, title=f"{report.metadata['mode']} drift, worst first ({source.get('method', 'Q/DQ model')})"))

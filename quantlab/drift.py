@@ -211,6 +211,21 @@ def measure_drift(
     runner = _PairedRunner(fp32, qdq)
     if isinstance(data, (str, Path)):
         data = CalibrationData(data, runner.inputs, batch_size=batch_size, limit=limit)
+    return paired_report(runner, model, data, labels=labels, progress=progress)
+
+
+def paired_report(
+    runner,
+    model: str | Path,
+    data: Iterable[Batch],
+    *,
+    labels: str | Path | np.ndarray | None = None,
+    progress=None,
+) -> DriftReport:
+    """The accumulated report of any paired runner: `runner.run(feed)` gives (FP32, INT8) tensors keyed by FP32 name,
+    `runner.mapping` the observed names, `runner.outputs` the model outputs, `runner.ops` their op types. ONNX
+    Runtime's runner is `_PairedRunner`; the TensorRT backend has its own.
+    """
     expected = _load_labels(labels)
     sums = {name: _Sums() for name in runner.mapping}
     top1 = {"fp32": 0, "int8": 0, "agree": 0}

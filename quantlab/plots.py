@@ -6,11 +6,12 @@ Every function returns a matplotlib Figure and draws into `ax` when one is given
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from quantlab.calibration import compute_amax, kl_curve
 from quantlab.histogram import Histogram
 
 if TYPE_CHECKING:
@@ -25,6 +26,9 @@ def _axes(ax: Axes | None, size: tuple[float, float] = (8, 4)) -> Axes:
 
     figure = Figure(figsize=size, layout="constrained")
     return figure.add_subplot()
+
+
+_THRESHOLD_COLORS = ("tab:red", "tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive")
 
 
 def clipped_fraction(hist: Histogram, amax: float) -> float:
@@ -47,7 +51,7 @@ def plot_histogram(
     ax = _axes(ax)
     shown = hist if signed else hist.fold()
     ax.stairs(shown.counts, shown.edges, fill=True, alpha=0.6, color="tab:blue", label="counts")
-    colors = iter(["tab:red", "tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive"])
+    colors = iter(_THRESHOLD_COLORS)
     for name, amax in (thresholds or {}).items():
         color = next(colors, "black")
         label = f"{name}: {amax:.4g} (clips {clipped_fraction(hist, amax):.3%})"
@@ -61,6 +65,56 @@ def plot_histogram(
     ax.set_title(title or f"{hist.bins} bins, max|x| = {hist.amax:.4g}")
     ax.legend(loc="upper right", fontsize="small")
     return ax.figure
+
+
+def plot_kl_curve(
+    hist: Histogram,
+    variant: str | Sequence[str] = "tensorrt",
+    *,
+    normalize: bool | None = None,
+    title: str | None = None,
+    ax: Axes | None = None,
+    **options,
+) -> Figure:
+    """KL divergence per candidate threshold (`kl_curve`), each variant's chosen amax marked on its curve.
+
+    The variants' divergences live on different scales (other windows, smoothing and zero handling), so when several
+    are overlaid each curve is scaled to [0, 1] between its smallest and largest finite value (`normalize=None`
+    means: only then): what matters is where each minimum lies. A dashed line marks the amax `compute_amax` returns,
+    with the share of values it clips, and a dot the divergence there (the line alone where ModelOpt's NaN rule picks
+    a candidate without a finite divergence). `options` go to every variant.
+    """
+    variants = [variant] if isinstance(variant, str) else list(variant)
+    if not variants:
+        raise ValueError("plot_kl_curve needs at least one variant")
+    normalize = len(variants) > 1 if normalize is None else normalize
+    ax = _axes(ax)
+    suffix = ", ".join(f"{key}={value}" for key, value in options.items())
+    for name, color in zip(variants, _THRESHOLD_COLORS):
+        thresholds, divergence = kl_curve(hist, name, **options)
+        amax = compute_amax(hist, "kl", variant=name, **options)
+        shown = _unit_range(divergence) if normalize else divergence
+        label = f"{name} ({suffix})" if suffix else name
+        ax.plot(thresholds, shown, color=color, linewidth=1, label=label)
+        ax.axvline(amax, color=color, linestyle="--", linewidth=1,
+                   label=f"{label}: amax {amax:.4g} (clips {clipped_fraction(hist, amax):.3%})")
+        chosen = shown[(thresholds == amax) & np.isfinite(shown)]
+        if chosen.size:
+            ax.plot([amax], [chosen.min()], marker="o", color=color, linestyle="none")
+    ax.set_xlabel("candidate threshold (amax)")
+    ax.set_ylabel("KL divergence, scaled to [0, 1] per curve" if normalize else "KL divergence")
+    ax.set_title(title or f"KL divergence per candidate threshold, max|x| = {hist.amax:.4g}")
+    ax.legend(fontsize="small")
+    return ax.figure
+
+
+def _unit_range(values: np.ndarray) -> np.ndarray:
+    """Values mapped linearly so that their finite minimum is 0 and maximum 1 (NaN and inf kept as they are)."""
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return values
+    low, span = finite.min(), np.ptp(finite)
+    return (values - low) / (span if span > 0 else 1.0)
 
 
 def plot_threshold_comparison(tables: Mapping[str, Mapping[str, float]], *, ax: Axes | None = None) -> Figure:

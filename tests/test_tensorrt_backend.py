@@ -376,3 +376,24 @@ def test_layer_outputs_need_cuda_bindings_and_fail_before_building(use_tensorrt)
     with pytest.raises(QuantlabError, match=r"needs cuda-python \(or pycuda\)"):
         backend.engine_layer_outputs(DEMO_MODEL, {})
     assert trt.built == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["build", "{model}", "--cache", "{cache}", "-o", "{out}"],
+        ["build", "{model}", "-o", "{out}"],
+        ["drift", "{model}", "-d", "{data}", "--thresholds", "{cache}", "--engine", "tensorrt"],
+    ],
+    ids=["build-from-cache", "build-from-qdq", "drift-engine-tensorrt"],
+)
+def test_cli_without_tensorrt_says_how_to_get_it(tmp_path, args):
+    """Through the real CLI, in a subprocess: one line naming the extra, exit 2, no engine file."""
+    from conftest import DEMO_MODEL, EVAL_INPUTS, ROOT
+    from test_cli import assert_one_line_error, run
+
+    cache = ROOT / "tests" / "fixtures" / "caches" / "trt8601_entropy2_diffusion.cache"
+    out = tmp_path / "model.engine"
+    filled = [a.format(model=DEMO_MODEL, cache=cache, out=out, data=EVAL_INPUTS) for a in args]
+    assert_one_line_error(run(*filled), 2, "TensorRT is not installed", "quantlab[tensorrt]")
+    assert not out.exists()
