@@ -11,15 +11,12 @@ Usage: python benchmarks/drift.py [--repeat 10]
 from __future__ import annotations
 
 import argparse
-import json
-import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from _sidebyside import measure_in_fresh_process, print_comparison
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "calib_data" / "digits_cnn.onnx"
@@ -43,7 +40,7 @@ def prepare(directory: Path, repeat: int) -> tuple[Path, Path, Path]:
     return qdq, copies["x1"], copies["xn"]
 
 
-def run_quantlab(qdq: Path, data: Path) -> dict:
+def run_quantlab(qdq: str, data: str) -> dict:
     from quantlab.drift import measure_drift
 
     measure_drift(MODEL, qdq, EVAL)  # warm-up
@@ -52,7 +49,7 @@ def run_quantlab(qdq: Path, data: Path) -> dict:
     return {"seconds": time.perf_counter() - start, "tensors": len(report.layers) + len(report.final["outputs"])}
 
 
-def run_onnxruntime(qdq: Path, data: Path) -> dict:
+def run_onnxruntime(qdq: str, data: str) -> dict:
     from onnxruntime.quantization import CalibrationDataReader
     from onnxruntime.quantization.qdq_loss_debug import (
         collect_activations,
@@ -73,7 +70,7 @@ def run_onnxruntime(qdq: Path, data: Path) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             float_aug, qdq_aug = Path(tmp) / "float.onnx", Path(tmp) / "qdq.onnx"
             modify_model_output_intermediate_tensors(str(MODEL), str(float_aug))
-            modify_model_output_intermediate_tensors(str(qdq), str(qdq_aug))
+            modify_model_output_intermediate_tensors(qdq, str(qdq_aug))
             float_acts = collect_activations(str(float_aug), Reader(directory))
             qdq_acts = collect_activations(str(qdq_aug), Reader(directory))
             errors = compute_activation_error(create_activation_matching(qdq_acts, float_acts))
@@ -81,18 +78,8 @@ def run_onnxruntime(qdq: Path, data: Path) -> dict:
 
     flow(EVAL)  # warm-up
     start = time.perf_counter()
-    tensors = flow(data)
+    tensors = flow(Path(data))
     return {"seconds": time.perf_counter() - start, "tensors": tensors}
-
-
-def measure(tool: str, qdq: Path, data: Path) -> dict:
-    code = (
-        "import json, resource, sys; sys.path.insert(0, %r); import drift as b; "
-        "r = b.run_%s(b.Path(%r), b.Path(%r)); r['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024; "
-        "print(json.dumps(r))"
-    ) % (str(Path(__file__).parent), tool, str(qdq), str(data))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -102,19 +89,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         qdq, x1, xn = prepare(Path(tmp), args.repeat)
         sizes = {"1x": x1, f"{args.repeat}x": xn}
-        results = {(tool, size): measure(tool, qdq, path) for size, path in sizes.items() for tool in ("quantlab", "onnxruntime")}
+        results = {
+            (tool, size): measure_in_fresh_process("drift", f"run_{tool}", str(qdq), str(path))
+            for size, path in sizes.items()
+            for tool in ("quantlab", "onnxruntime")
+        }
     print(f"FP32 demo model vs its Q/DQ model (KL), held-out inputs: 450 x {{1, {args.repeat}}} samples")
-    print(f"{'tool':<12} {'data':>5} {'tensors':>8} {'seconds':>9} {'peak RSS MB':>12}")
-    for (tool, size), r in results.items():
-        print(f"{tool:<12} {size:>5} {r['tensors']:>8} {r['seconds']:>9.3f} {r['peak_rss_mb']:>12.1f}")
-    large = f"{args.repeat}x"
-    for size in sizes:
-        ratio = results[("onnxruntime", size)]["seconds"] / results[("quantlab", size)]["seconds"]
-        print(f"time ratio at {size}: quantlab is {ratio:.2f}x faster than the qdq_loss_debug flow")
-    for tool in ("quantlab", "onnxruntime"):
-        growth = results[(tool, large)]["peak_rss_mb"] / results[(tool, "1x")]["peak_rss_mb"] - 1
-        print(f"peak RSS growth 1x -> {large} for {tool}: {growth:+.1%}")
-
+    print_comparison(results, list(sizes), "the qdq_loss_debug flow")
 
 if __name__ == "__main__":
     main()

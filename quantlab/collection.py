@@ -24,6 +24,7 @@ from quantlab.model import activation_tensors, create_session, file_sha256, inpu
 
 Progress = Callable[[str, int], None]
 BUFFER_BUDGET = 64 << 20  # bytes, over all tensors, for gathering small batches before counting them
+SMALL_BATCH = 8192  # values: a tensor's batch below this is gathered first
 
 
 def select_tensors(names: list[str], patterns: Sequence[str] | None) -> list[str]:
@@ -48,7 +49,8 @@ class _ExactBins:
 
     Same edges (np.histogram's own) and the same rule: an estimated bin index, corrected by comparing each value with
     the edges of that bin (the last bin includes its right edge). Small batches are gathered in a buffer and counted
-    a chunk at a time, since NumPy's per-call cost would otherwise dominate; large tensors go in cache-sized chunks.
+    a chunk at a time, since NumPy's per-call cost would otherwise dominate (copying larger ones would cost more than
+    it saves); large tensors go in cache-sized chunks.
     """
 
     CHUNK = 1 << 18
@@ -68,7 +70,7 @@ class _ExactBins:
         self.filled = 0
 
     def add(self, values: np.ndarray) -> None:
-        if values.size >= self.buffer.size:
+        if values.size >= SMALL_BATCH or values.size >= self.buffer.size:
             self._count(values)
             return
         if self.filled + values.size > self.buffer.size:

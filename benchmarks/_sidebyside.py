@@ -1,0 +1,31 @@
+"""Shared by the benchmarks: run one measurement in a fresh interpreter, print 1x-vs-Nx comparisons."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def measure_in_fresh_process(module: str, function: str, *args: str) -> dict:
+    """`benchmarks/<module>.py:<function>(*args)` in a new Python; its result dict plus that process's peak RSS."""
+    code = (
+        "import json, resource, sys; sys.path.insert(0, %r); import %s as b; r = b.%s(*%r); "
+        "r['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024; print(json.dumps(r))"
+    ) % (str(Path(__file__).parent), module, function, list(args))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def print_comparison(results: dict[tuple[str, str], dict], sizes: list[str], versus: str, target: str = "") -> None:
+    """Table of seconds and peak RSS per (tool, size), quantlab's speed ratio per size and RSS growth per tool."""
+    print(f"{'tool':<12} {'data':>5} {'tensors':>8} {'seconds':>9} {'peak RSS MB':>12}")
+    for (tool, size), r in results.items():
+        print(f"{tool:<12} {size:>5} {r['tensors']:>8} {r['seconds']:>9.3f} {r['peak_rss_mb']:>12.1f}")
+    for size in sizes:
+        ratio = results[("onnxruntime", size)]["seconds"] / results[("quantlab", size)]["seconds"]
+        print(f"speed ratio at {size}: quantlab is {ratio:.2f}x faster than {versus}{target}")
+    for tool in ("quantlab", "onnxruntime"):
+        growth = results[(tool, sizes[-1])]["peak_rss_mb"] / results[(tool, sizes[0])]["peak_rss_mb"] - 1
+        print(f"peak RSS growth {sizes[0]} -> {sizes[-1]} for {tool}: {growth:+.1%}")
