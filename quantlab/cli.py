@@ -7,8 +7,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
-import click
 import typer
+
+try:  # typer 0.20+ runs on its own copy of click (and no longer installs click): catch that copy's exceptions
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # older typer runs on click itself
+    from click import exceptions as click_exceptions
 
 from quantlab.errors import QuantlabError
 
@@ -496,12 +500,15 @@ def main() -> None:
     """Entry point: one-line errors (exit 2 for bad input, 1 for failures, 130 for Ctrl-C) unless --debug."""
     try:
         result = app(standalone_mode=False)
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
+    except click_exceptions.ClickException as exc:
+        if isinstance(exc, getattr(click_exceptions, "NoArgsIsHelpError", ())):
+            exc.show()  # `quantlab` or `quantlab cache` alone: the help text
+        else:  # a usage error (unknown option, bad value, missing argument): one line, like every other error
+            print(f"quantlab: error: {exc.format_message()}", file=sys.stderr)
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except typer.Abort:
         print("quantlab: aborted", file=sys.stderr)
         sys.exit(1)
     except QuantlabError as exc:

@@ -18,7 +18,7 @@ import numpy as np
 
 from quantlab.data import Batch, CalibrationData
 from quantlab.errors import QuantlabError, QuantlabInterrupted, QuantlabRuntimeError
-from quantlab.histogram import Histogram, HistogramSet
+from quantlab.histogram import Histogram, HistogramSet, histogram_of
 from quantlab.ranges import TensorRanges
 from quantlab.model import activation_tensors, create_session, file_sha256, input_specs, load_model, with_outputs
 
@@ -56,7 +56,7 @@ class _ExactBins:
     CHUNK = 1 << 18
 
     def __init__(self, amax: np.generic, bins: int, dtype: np.dtype, buffer_size: int) -> None:
-        self.edges = np.histogram(np.empty(0, dtype), bins=bins, range=(-amax, amax))[1]
+        self.edges = histogram_of(np.empty(0, dtype), bins, (-amax, amax))[1]
         self.bins = bins
         self.first = self.edges[0]
         self.scale = self.edges.dtype.type(bins / (self.edges[-1] - self.edges[0]))

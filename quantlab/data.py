@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from quantlab.errors import QuantlabError
+from quantlab.errors import CORRUPT_FILE_ERRORS, QuantlabError
 from quantlab.model import InputSpec
 
 Batch = dict[str, np.ndarray]
@@ -47,7 +47,7 @@ def _peek(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
                 with archive.open(member) as handle:
                     arrays[member[: -len(".npy")]] = _read_npy_header(handle)
             return arrays
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+    except CORRUPT_FILE_ERRORS as exc:
         raise QuantlabError(f"{path}: not a readable {path.suffix} file ({exc})") from None
 
 
@@ -165,12 +165,15 @@ class CalibrationData:
         }
 
     def _load(self, plan: _FilePlan) -> Batch:
-        if plan.path.suffix == ".npy":
-            mmap = "r" if plan.path.stat().st_size > _MMAP_THRESHOLD else None
-            arrays = {self.inputs[0].name: np.load(plan.path, mmap_mode=mmap, allow_pickle=False)}
-        else:
-            with np.load(plan.path, allow_pickle=False) as npz:
-                arrays = {name: npz[name] for name in npz.files}
+        try:  # the headers were checked before the run; the data behind them is read (and CRC-checked) only now
+            if plan.path.suffix == ".npy":
+                mmap = "r" if plan.path.stat().st_size > _MMAP_THRESHOLD else None
+                arrays = {self.inputs[0].name: np.load(plan.path, mmap_mode=mmap, allow_pickle=False)}
+            else:
+                with np.load(plan.path, allow_pickle=False) as npz:
+                    arrays = {name: npz[name] for name in npz.files}
+        except CORRUPT_FILE_ERRORS as exc:
+            raise QuantlabError(f"{plan.path}: not a readable {plan.path.suffix} file ({exc})") from None
         return {name: (a if plan.batched[name] else a[np.newaxis]) for name, a in arrays.items()}
 
     def __len__(self) -> int:

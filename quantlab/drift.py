@@ -26,8 +26,10 @@ import onnx
 
 from quantlab.atomic import atomic_write
 from quantlab.data import Batch, CalibrationData
-from quantlab.errors import QuantlabError, QuantlabRuntimeError
-from quantlab.model import activation_tensors, create_session, input_specs, load_model, producers, with_outputs
+from quantlab.errors import CORRUPT_FILE_ERRORS, QuantlabError, QuantlabRuntimeError
+from quantlab.model import (
+    ORT_LOG_SEVERITY, activation_tensors, create_session, input_specs, load_model, producers, with_outputs,
+)
 
 DEQUANTIZED_SUFFIX = "_DequantizeLinear_Output"
 
@@ -92,6 +94,17 @@ class DriftReport:
     def worst_first(self) -> list[TensorDrift]:
         return sorted(self.layers, key=lambda layer: layer.sqnr_db)
 
+    def _repr_html_(self) -> str:
+        from quantlab.notebook import drift_html
+
+        return drift_html(self)
+
+    def to_pandas(self):
+        """One row per tensor, worst first, final outputs flagged (needs pandas)."""
+        from quantlab.notebook import drift_frame
+
+        return drift_frame(self)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "metadata": self.metadata,
@@ -121,7 +134,7 @@ def _int8_graph(qdq_model: onnx.ModelProto, directory: Path) -> onnx.ModelProto:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     options.optimized_model_filepath = str(directory / "int8_optimized.onnx")
-    options.log_severity_level = 3
+    options.log_severity_level = ORT_LOG_SEVERITY
     try:
         ort.InferenceSession(qdq_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
@@ -182,7 +195,7 @@ class _PairedRunner:
                 exposed.graph.output.append(onnx.helper.make_tensor_value_info(target, onnx.TensorProto.FLOAT, None))
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # already optimized: keep it as is
-        options.log_severity_level = 3
+        options.log_severity_level = ORT_LOG_SEVERITY
         self.int8 = ort.InferenceSession(exposed.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
     def run(self, feed: Batch) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -259,8 +272,11 @@ def _load_labels(labels: str | Path | np.ndarray | None) -> np.ndarray | None:
         return labels
     try:
         array = np.load(labels, allow_pickle=False)
-    except (OSError, ValueError) as exc:
+    except CORRUPT_FILE_ERRORS as exc:
         raise QuantlabError(f"{labels}: cannot read labels ({exc})") from None
+    if not isinstance(array, np.ndarray):  # np.load opens any zip archive as an .npz, whatever the file is called
+        array.close()
+        raise QuantlabError(f"{labels}: labels must be one .npy array, not an .npz archive")
     if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
         raise QuantlabError(f"{labels}: labels must be a 1-D integer array, got shape {array.shape} {array.dtype}")
     return array

@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+import zipfile
+import zlib
+
+# What reading a damaged .npy / .npz file can raise, besides I/O errors: NumPy's header parser (ValueError), and
+# zipfile for a broken archive (BadZipFile, EOFError), a damaged deflate stream (zlib.error), or header bits that turn
+# on a compression method, encryption or flag it does not support (NotImplementedError, RuntimeError). Readers turn
+# these into a one-line QuantlabError naming the file.
+CORRUPT_FILE_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError)
+
 
 class QuantlabError(Exception):
     """A problem with the user's input (file, option, model, data): CLI exit code 2."""

@@ -8,7 +8,6 @@ A signed histogram of 2N bins over [-a, a] folds into the |x| histogram of N bin
 from __future__ import annotations
 
 import json
-import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from quantlab.atomic import atomic_write
-from quantlab.errors import QuantlabError
+from quantlab.errors import CORRUPT_FILE_ERRORS, QuantlabError
 
 FORMAT_NAME = "quantlab-histograms"
 FORMAT_VERSION = 1
@@ -67,9 +66,9 @@ class Histogram:
         finite = data[np.isfinite(data)]
         amax = float(np.max(np.abs(finite))) if finite.size else 0.0
         if signed:
-            counts, edges = np.histogram(finite, bins=2 * bins, range=(-amax, amax))
+            counts, edges = histogram_of(finite, 2 * bins, (-amax, amax))
         else:
-            counts, edges = np.histogram(np.abs(finite), bins=bins, range=(0.0, amax))
+            counts, edges = histogram_of(np.abs(finite), bins, (0.0, amax))
         return cls(
             counts=counts,
             edges=edges,
@@ -121,6 +120,15 @@ class Histogram:
         return {name: getattr(self, name) for name in STAT_FIELDS}
 
 
+def histogram_of(values: np.ndarray, bins: int, value_range: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """`np.histogram(values, bins, range=value_range)`, in float64 where the values' own dtype cannot hold `bins`
+    distinct edges over the range (a float32 max|x| among the subnormals, e.g. 1e-44): np.histogram refuses those."""
+    try:
+        return np.histogram(values, bins=bins, range=value_range)
+    except ValueError:
+        return np.histogram(np.asarray(values, np.float64), bins=bins, range=tuple(map(float, value_range)))
+
+
 def _combine_stats(parts: list[Histogram]) -> dict[str, Any]:
     def pick(name: str, reduce):
         values = [getattr(h, name) for h in parts if getattr(h, name) is not None]
@@ -158,6 +166,17 @@ class HistogramSet(Mapping):
     def __repr__(self) -> str:
         bins = self.metadata.get("bins", "?")
         return f"HistogramSet({len(self)} tensors, bins={bins}, model={self.metadata.get('model_name', '?')})"
+
+    def _repr_html_(self) -> str:
+        from quantlab.notebook import histograms_html
+
+        return histograms_html(self)
+
+    def to_pandas(self):
+        """One row per tensor, indexed by name (needs pandas)."""
+        from quantlab.notebook import histograms_frame
+
+        return histograms_frame(self)
 
     def save(self, path: str | Path) -> Path:
         """Write one `.npz` (no pickle) atomically: counts, edges and statistics stacked per tensor, JSON metadata."""
@@ -197,7 +216,7 @@ class HistogramSet(Mapping):
             values = {str(part.metadata.get(key)) for part in parts}
             if len(values) > 1:
                 raise QuantlabError(f"cannot merge histograms of different {what}; collect every part with the same --ranges")
-        shards = [tuple(s) for part in parts if (s := part.metadata.get("data", {}).get("shard"))]
+        shards = [shard for part in parts for shard in _shards_of(part)]
         if len(shards) != len(set(shards)):
             twice = next(s for s in shards if shards.count(s) > 1)
             raise QuantlabError(f"shard {twice[0]}/{twice[1]} is given more than once")
@@ -213,11 +232,19 @@ class HistogramSet(Mapping):
             merged[name] = Histogram(sum(h.counts for h in hists), hists[0].edges, **_combine_stats(hists))
         metadata = {key: value for key, value in parts[0].metadata.items() if key != "seconds"}
         metadata["data"] = {
-            "merged_parts": len(parts),
+            "merged_parts": sum(part.metadata.get("data", {}).get("merged_parts", 1) for part in parts),
             "samples": sum(part.metadata.get("data", {}).get("samples", 0) for part in parts),
             "shards": sorted(shards),
         }
         return cls(merged, metadata)
+
+
+def _shards_of(part: HistogramSet) -> list[tuple[int, int]]:
+    """The shards a part holds: its own (`collect(..., shard=)`) or, for an earlier merge, every shard merged into it."""
+    data = part.metadata.get("data", {})
+    if data.get("shard"):
+        return [tuple(data["shard"])]
+    return [tuple(shard) for shard in data.get("shards", [])]
 
 
 def load_histograms(path: str | Path) -> HistogramSet:
@@ -228,7 +255,7 @@ def load_histograms(path: str | Path) -> HistogramSet:
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {key: npz[key] for key in npz.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+    except CORRUPT_FILE_ERRORS as exc:
         raise QuantlabError(f"{path}: not a quantlab histogram file ({exc})") from None
     try:
         meta = json.loads(str(arrays["meta"]))
@@ -242,11 +269,21 @@ def load_histograms(path: str | Path) -> HistogramSet:
             f"(this quantlab reads version {FORMAT_VERSION}); collect again"
         )
     try:
-        names = [str(n) for n in arrays["names"]]
+        names = arrays["names"]
         counts, edges = arrays["counts"], arrays["edges"]
         stats = {name: arrays[name] for name in STAT_FIELDS}
     except KeyError as exc:
         raise QuantlabError(f"{path}: histogram file is missing array {exc}") from None
+    if names.ndim != 1 or names.dtype.kind != "U":
+        raise QuantlabError(f"{path}: 'names' is not a list of tensor names")
+    names = [str(name) for name in names]
+    if len(set(names)) != len(names):
+        raise QuantlabError(f"{path}: tensor {next(n for n in names if names.count(n) > 1)!r} appears twice")
+    for key, array in {"counts": counts, "edges": edges, **stats}.items():
+        if array.dtype.kind not in "iuf":
+            raise QuantlabError(f"{path}: array {key!r} does not hold numbers (dtype {array.dtype})")
+        if key in STAT_FIELDS and np.isinf(array).any():  # NaN stands for "unknown"; Inf is never a statistic
+            raise QuantlabError(f"{path}: array {key!r} holds an infinite value")
     n = len(names)
     if counts.ndim != 2 or edges.ndim != 2 or counts.shape[0] != n or edges.shape[0] != n:
         raise QuantlabError(f"{path}: histogram arrays do not match the {n} tensor names")

@@ -15,6 +15,9 @@ from quantlab.errors import QuantlabError
 FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
 # Serialized protobufs are capped at 2 GiB; larger models go to ONNX Runtime through a file with external data.
 _PROTOBUF_LIMIT = 2**31 - 2**24
+# ONNX Runtime logs fatal errors only: a failed load or run raises, and quantlab reports that as its one line, so
+# ORT's own error log (printed to stderr before it raises) would be a second, duplicate one.
+ORT_LOG_SEVERITY = 4
 
 
 @dataclass(frozen=True)
@@ -36,11 +39,10 @@ def load_model(path: str | Path) -> onnx.ModelProto:
     if not path.is_file():
         raise QuantlabError(f"{path}: model file not found")
     try:
-        model = onnx.load(str(path))
-    except FileNotFoundError as exc:
-        raise QuantlabError(f"{path}: external data file missing ({Path(exc.filename or '?').name})") from None
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError and friends: all mean "not an ONNX model"
         raise QuantlabError(f"{path}: not a valid ONNX model ({type(exc).__name__})") from None
+    _load_external_data(model, path)
     if not model.graph.node:
         raise QuantlabError(f"{path}: not a valid ONNX model (the graph has no nodes)")
     try:
@@ -52,6 +54,21 @@ def load_model(path: str | Path) -> onnx.ModelProto:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise QuantlabError(f"{path}: invalid ONNX model ({first_line})") from None
     return model
+
+
+def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """Read the weights a model keeps in files beside it; a missing one is named (onnx's own errors vary by version)."""
+    from onnx.external_data_helper import ExternalDataInfo, load_external_data_for_model, uses_external_data
+
+    try:
+        load_external_data_for_model(model, str(path.parent))
+    except Exception as exc:
+        locations = [ExternalDataInfo(t).location for t in model.graph.initializer if uses_external_data(t)]
+        missing = [name for name in dict.fromkeys(locations) if not (path.parent / name).is_file()]
+        if missing:
+            raise QuantlabError(f"{path}: external data file missing ({', '.join(missing)})") from None
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise QuantlabError(f"{path}: cannot read its external data ({first_line})") from None
 
 
 def file_sha256(path: str | Path) -> str:
@@ -142,7 +159,7 @@ def create_session(model: onnx.ModelProto, threads: int = 0):
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    options.log_severity_level = 3
+    options.log_severity_level = ORT_LOG_SEVERITY
     providers = ["CPUExecutionProvider"]
     try:
         if model.ByteSize() < _PROTOBUF_LIMIT:

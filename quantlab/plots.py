@@ -72,6 +72,7 @@ def plot_kl_curve(
     variant: str | Sequence[str] = "tensorrt",
     *,
     normalize: bool | None = None,
+    log: bool = False,
     title: str | None = None,
     ax: Axes | None = None,
     **options,
@@ -79,10 +80,11 @@ def plot_kl_curve(
     """KL divergence per candidate threshold (`kl_curve`), each variant's chosen amax marked on its curve.
 
     The variants' divergences live on different scales (other windows, smoothing and zero handling), so when several
-    are overlaid each curve is scaled to [0, 1] between its smallest and largest finite value (`normalize=None`
-    means: only then): what matters is where each minimum lies. A dashed line marks the amax `compute_amax` returns,
-    with the share of values it clips, and a dot the divergence there (the line alone where ModelOpt's NaN rule picks
-    a candidate without a finite divergence). `options` go to every variant.
+    are overlaid each curve is divided by its largest finite value (`normalize=None` means: only then); what matters is
+    where each minimum lies. A dashed line marks the amax `compute_amax` returns, with the share of values it clips, and
+    a dot the divergence there (the line alone where ModelOpt's NaN rule picks a candidate without a finite
+    divergence). `log` draws the divergence on a log scale, where a divergence of exactly 0 is not shown.
+    `options` go to every variant.
     """
     variants = [variant] if isinstance(variant, str) else list(variant)
     if not variants:
@@ -93,28 +95,28 @@ def plot_kl_curve(
     for name, color in zip(variants, _THRESHOLD_COLORS):
         thresholds, divergence = kl_curve(hist, name, **options)
         amax = compute_amax(hist, "kl", variant=name, **options)
-        shown = _unit_range(divergence) if normalize else divergence
+        shown = _over_largest(divergence) if normalize else divergence
         label = f"{name} ({suffix})" if suffix else name
         ax.plot(thresholds, shown, color=color, linewidth=1, label=label)
-        ax.axvline(amax, color=color, linestyle="--", linewidth=1,
-                   label=f"{label}: amax {amax:.4g} (clips {clipped_fraction(hist, amax):.3%})")
+        marked = f"{label}: amax {amax:.4g} (clips {clipped_fraction(hist, amax):.3%})"
+        ax.axvline(amax, color=color, linestyle="--", linewidth=1, label=marked)
         chosen = shown[(thresholds == amax) & np.isfinite(shown)]
         if chosen.size:
             ax.plot([amax], [chosen.min()], marker="o", color=color, linestyle="none")
+    if log:
+        ax.set_yscale("log")
     ax.set_xlabel("candidate threshold (amax)")
-    ax.set_ylabel("KL divergence, scaled to [0, 1] per curve" if normalize else "KL divergence")
+    ax.set_ylabel("KL divergence / its largest value" if normalize else "KL divergence")
     ax.set_title(title or f"KL divergence per candidate threshold, max|x| = {hist.amax:.4g}")
     ax.legend(fontsize="small")
     return ax.figure
 
 
-def _unit_range(values: np.ndarray) -> np.ndarray:
-    """Values mapped linearly so that their finite minimum is 0 and maximum 1 (NaN and inf kept as they are)."""
-    finite = values[np.isfinite(values)]
-    if finite.size == 0:
-        return values
-    low, span = finite.min(), np.ptp(finite)
-    return (values - low) / (span if span > 0 else 1.0)
+def _over_largest(values: np.ndarray) -> np.ndarray:
+    """Values divided by their largest finite magnitude, so curves of different scales share one axis."""
+    finite = np.abs(values[np.isfinite(values)])
+    largest = finite.max() if finite.size else 0.0
+    return values / largest if largest > 0 else values
 
 
 def plot_threshold_comparison(tables: Mapping[str, Mapping[str, float]], *, ax: Axes | None = None) -> Figure:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from quantlab.atomic import atomic_write
-from quantlab.errors import QuantlabError
+from quantlab.errors import CORRUPT_FILE_ERRORS, QuantlabError
 
 FORMAT_NAME = "quantlab-ranges"
 FORMAT_VERSION = 1
@@ -134,7 +133,7 @@ class TensorRanges:
             with np.load(path, allow_pickle=False) as npz:
                 arrays = {key: npz[key] for key in npz.files}
             meta = json.loads(str(arrays["meta"]))
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
+        except (*CORRUPT_FILE_ERRORS, KeyError):
             raise QuantlabError(f"{path}: not a quantlab ranges file") from None
         if not isinstance(meta, dict) or meta.pop("format", None) != FORMAT_NAME:
             raise QuantlabError(f"{path}: not a quantlab ranges file")

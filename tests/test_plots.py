@@ -9,7 +9,8 @@ from matplotlib.patches import StepPatch
 
 import quantlab
 from conftest import CALIB_DIR, DEMO_MODEL
-from quantlab.plots import clipped_fraction, plot_histogram, plot_threshold_comparison
+from quantlab.errors import QuantlabError
+from quantlab.plots import clipped_fraction, plot_histogram, plot_kl_curve, plot_threshold_comparison
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +51,64 @@ def test_threshold_comparison_plots_every_table(histograms):
     assert [line.get_label() for line in ax.lines] == ["max", "half"]
     np.testing.assert_allclose(ax.lines[1].get_ydata(), [h.amax / 2 for h in histograms.values()])
     assert len(ax.get_xticklabels()) == len(histograms)
+
+
+def _kl_lines(ax) -> tuple[list[Line2D], list[Line2D], list[Line2D]]:
+    """(curves, amax lines, dots) drawn by plot_kl_curve: many points, two points at one x, one marker."""
+    curves = [line for line in ax.lines if len(line.get_xdata()) > 2]
+    verticals = [line for line in ax.lines if len(line.get_xdata()) == 2]
+    dots = [line for line in ax.lines if line.get_marker() == "o"]
+    return curves, verticals, dots
+
+
+def test_kl_curve_plot_draws_kl_curve_and_marks_the_kl_amax(histograms):
+    hist = histograms["/head/head.1/Conv_output_0"]
+    thresholds, divergence = quantlab.kl_curve(hist)
+    amax = quantlab.compute_amax(hist, "kl")
+    ax = plot_kl_curve(hist).axes[0]
+    (curve,), (vertical,), (dot,) = _kl_lines(ax)
+    np.testing.assert_array_equal(curve.get_xdata(), thresholds)
+    np.testing.assert_array_equal(curve.get_ydata(), divergence)
+    assert list(vertical.get_xdata()) == [amax, amax]
+    assert dot.get_xdata()[0] == amax
+    assert dot.get_ydata()[0] == divergence[thresholds == amax].min() == np.nanmin(divergence)
+    assert f"clips {clipped_fraction(hist, amax):.3%}" in vertical.get_label()
+    assert ax.get_ylabel() == "KL divergence" and ax.get_yscale() == "linear"
+
+
+def test_kl_curve_overlays_variants_each_scaled_and_marked(histograms):
+    """On the demo input ModelOpt's NaN rule picks 0.1245, a candidate without a divergence: a line but no dot."""
+    hist = histograms["input"]
+    variants = ["tensorrt", "modelopt", "onnxruntime"]
+    ax = plot_kl_curve(hist, variants, log=True).axes[0]
+    curves, verticals, dots = _kl_lines(ax)
+    assert [curve.get_label() for curve in curves] == variants
+    for variant, curve, vertical in zip(variants, curves, verticals):
+        thresholds, divergence = quantlab.kl_curve(hist, variant)
+        largest = np.max(np.abs(divergence[np.isfinite(divergence)]))
+        np.testing.assert_array_equal(curve.get_xdata(), thresholds)
+        np.testing.assert_allclose(curve.get_ydata(), divergence / largest, rtol=1e-15)
+        assert vertical.get_xdata()[0] == quantlab.compute_amax(hist, "kl", variant=variant)
+        assert vertical.get_color() == curve.get_color()
+    assert verticals[1].get_xdata()[0] == pytest.approx(0.1245, abs=1e-4)
+    assert sorted(dot.get_color() for dot in dots) == sorted([curves[0].get_color(), curves[2].get_color()])
+    assert ax.get_yscale() == "log" and "largest" in ax.get_ylabel()
+
+
+def test_kl_curve_passes_options_and_draws_into_given_axes(histograms):
+    from matplotlib.figure import Figure
+
+    hist = histograms["/stem/stem.5/Relu_output_0"]
+    ax = Figure().add_subplot()
+    assert plot_kl_curve(hist, exact_zeros=False, ax=ax) is ax.figure
+    _, (vertical,), _ = _kl_lines(ax)
+    literal = quantlab.compute_amax(hist, "kl", exact_zeros=False)
+    assert vertical.get_xdata()[0] == literal < quantlab.compute_amax(hist, "kl") / 2
+    assert vertical.get_label().startswith("tensorrt (exact_zeros=False): amax")
+    with pytest.raises(QuantlabError, match="unknown KL variant"):
+        plot_kl_curve(hist, ["tensorrt", "tensorflow"])
+    with pytest.raises(ValueError, match="at least one variant"):
+        plot_kl_curve(hist, [])
 
 
 def test_show_plot_from_the_cli(histograms, tmp_path):
