@@ -176,11 +176,9 @@ def show(
     from quantlab.report import histogram_table, tensor_detail
 
     if plot is not None:
-        from quantlab.atomic import check_writable
-
         if tensor is None:
             raise QuantlabError("--plot needs a TENSOR")
-        check_writable(plot)
+        _check_figure_path(plot)
     histograms = load_histograms(histograms_file)
     console = _console()
     if tensor is None:
@@ -249,7 +247,7 @@ def calibrate(
     if plot is not None:
         if compare is None:
             raise QuantlabError("--plot goes with --compare")
-        check_writable(plot)
+        _check_figure_path(plot)
     options = _method_options(method, variant, percentile, exact_zeros)
     histograms = load_histograms(histograms_file)
     started = time.perf_counter()
@@ -265,6 +263,10 @@ def calibrate(
             "model_sha256": histograms.metadata.get("model_sha256"),
         },
     }
+    tables = {}  # the --compare methods run before anything is written: a bad one leaves no output behind
+    for spec in (item.strip() for item in (compare or "").split(",") if item.strip()):
+        name, _, spec_variant = spec.partition(":")
+        tables[spec] = calibrate_all(histograms, name, **({"variant": spec_variant} if spec_variant else {}))
     write_options = {"trt_version": trt_version} if trt_version else {}
     write_thresholds(out, Thresholds(amax, metadata), format=format, **write_options)
     console = _console()
@@ -272,10 +274,6 @@ def calibrate(
     described = " ".join([method, *(f"{key}={value}" for key, value in options.items())])
     console.print(f"wrote {out}: {len(amax)} tensors, method {described}, {seconds * 1000:.1f} ms")
     if compare is not None:
-        tables = {}
-        for spec in (item.strip() for item in compare.split(",") if item.strip()):
-            name, _, spec_variant = spec.partition(":")
-            tables[spec] = calibrate_all(histograms, name, **({"variant": spec_variant} if spec_variant else {}))
         console.print(comparison_table(histograms, tables))
         if plot is not None:
             from quantlab.plots import plot_threshold_comparison
@@ -333,12 +331,28 @@ def export(
     _console().print(f"wrote {written}")
 
 
+def _figure_format(path: Path) -> str:
+    return path.suffix.lstrip(".").lower() or "png"
+
+
+def _check_figure_path(path: Path) -> None:
+    """Before any work: the image can be written, in a format matplotlib writes (named by the extension)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    from quantlab.atomic import check_writable
+
+    check_writable(path)
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if _figure_format(path) not in formats:
+        raise QuantlabError(f"{path}: cannot write a plot as {_figure_format(path)!r}; use {', '.join(sorted(formats))}")
+
+
 def _save_figure(figure, path: Path) -> None:
     """Write a matplotlib figure atomically, in the format its extension names."""
     from quantlab.atomic import atomic_write
 
     with atomic_write(path) as handle:
-        figure.savefig(handle, format=path.suffix.lstrip(".") or "png", dpi=120)
+        figure.savefig(handle, format=_figure_format(path), dpi=120)
 
 
 def _int8_model(model: Path, thresholds: Optional[Path], qdq: Optional[Path], weights: str):
@@ -416,9 +430,19 @@ def drift(
     from quantlab.model import input_specs, load_model
     from quantlab.report import drift_table, fp32_proposal_table, sqnr_comparison_table
 
-    for path in (json_out, plot) + ((mixed_out,) if keep_fp32 is not None or target_sqnr is not None else ()):
+    proposing = keep_fp32 is not None or target_sqnr is not None
+    if proposing:  # checked before anything runs or is written, as every option
+        if thresholds is None:
+            raise QuantlabError("--keep-fp32/--target-sqnr rebuild the INT8 model: give --thresholds, not --qdq")
+        if keep_fp32 is not None and target_sqnr is not None:
+            raise QuantlabError("give exactly one of --keep-fp32 K and --target-sqnr DB")
+        if keep_fp32 is not None and keep_fp32 < 0:
+            raise QuantlabError(f"--keep-fp32 must be >= 0, got {keep_fp32}")
+    for path in (json_out,) + ((mixed_out,) if proposing else ()):
         if path is not None:
             check_writable(path)
+    if plot is not None:
+        _check_figure_path(plot)
     calibration = CalibrationData(data, input_specs(load_model(model)), batch_size=batch_size, limit=limit)
     expected = _load_labels(labels)
     if engine == "tensorrt":
@@ -446,9 +470,7 @@ def drift(
 
         _save_figure(plot_drift(report), plot)
         console.print(f"wrote {plot}")
-    if keep_fp32 is not None or target_sqnr is not None:
-        if thresholds is None:
-            raise QuantlabError("--keep-fp32/--target-sqnr rebuild the INT8 model: give --thresholds, not --qdq")
+    if proposing:
         from quantlab.formats import read_thresholds
 
         steps, mixed = propose_fp32(
@@ -496,8 +518,16 @@ def demo(
     console.print(f"  quantlab drift {written['FP32 model']} -d {paths.eval_inputs} --thresholds {written['KL thresholds']} --isolated")
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Python warnings (e.g. a tensor that is all zeros gets amax 0) on one line, like quantlab's own warnings."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def main() -> None:
     """Entry point: one-line errors (exit 2 for bad input, 1 for failures, 130 for Ctrl-C) unless --debug."""
+    import warnings
+
+    warnings.showwarning = _show_warning
     try:
         result = app(standalone_mode=False)
     except typer.Exit as exc:

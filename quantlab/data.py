@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from quantlab.errors import CORRUPT_FILE_ERRORS, QuantlabError
+from quantlab.errors import QuantlabError, reading
 from quantlab.model import InputSpec
 
 Batch = dict[str, np.ndarray]
@@ -35,7 +35,7 @@ def _read_npy_header(handle) -> tuple[tuple[int, ...], np.dtype]:
 
 def _peek(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Array name -> (shape, dtype) of a data file, from its headers only."""
-    try:
+    with reading(path, f"not a readable {path.suffix} file"):
         if path.suffix == ".npy":
             with open(path, "rb") as handle:
                 return {"": _read_npy_header(handle)}
@@ -47,8 +47,6 @@ def _peek(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
                 with archive.open(member) as handle:
                     arrays[member[: -len(".npy")]] = _read_npy_header(handle)
             return arrays
-    except CORRUPT_FILE_ERRORS as exc:
-        raise QuantlabError(f"{path}: not a readable {path.suffix} file ({exc})") from None
 
 
 @dataclass(frozen=True)
@@ -165,15 +163,14 @@ class CalibrationData:
         }
 
     def _load(self, plan: _FilePlan) -> Batch:
-        try:  # the headers were checked before the run; the data behind them is read (and CRC-checked) only now
+        # The headers were checked before the run; the data behind them is read (and CRC-checked) only now.
+        with reading(plan.path, f"not a readable {plan.path.suffix} file"):
             if plan.path.suffix == ".npy":
                 mmap = "r" if plan.path.stat().st_size > _MMAP_THRESHOLD else None
                 arrays = {self.inputs[0].name: np.load(plan.path, mmap_mode=mmap, allow_pickle=False)}
             else:
                 with np.load(plan.path, allow_pickle=False) as npz:
                     arrays = {name: npz[name] for name in npz.files}
-        except CORRUPT_FILE_ERRORS as exc:
-            raise QuantlabError(f"{plan.path}: not a readable {plan.path.suffix} file ({exc})") from None
         return {name: (a if plan.batched[name] else a[np.newaxis]) for name, a in arrays.items()}
 
     def __len__(self) -> int:

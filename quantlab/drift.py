@@ -26,7 +26,7 @@ import onnx
 
 from quantlab.atomic import atomic_write
 from quantlab.data import Batch, CalibrationData
-from quantlab.errors import CORRUPT_FILE_ERRORS, QuantlabError, QuantlabRuntimeError
+from quantlab.errors import QuantlabError, QuantlabRuntimeError, reading
 from quantlab.model import (
     ORT_LOG_SEVERITY, activation_tensors, create_session, input_specs, load_model, producers, with_outputs,
 )
@@ -270,10 +270,8 @@ def paired_report(
 def _load_labels(labels: str | Path | np.ndarray | None) -> np.ndarray | None:
     if labels is None or isinstance(labels, np.ndarray):
         return labels
-    try:
+    with reading(labels, "cannot read labels"):
         array = np.load(labels, allow_pickle=False)
-    except CORRUPT_FILE_ERRORS as exc:
-        raise QuantlabError(f"{labels}: cannot read labels ({exc})") from None
     if not isinstance(array, np.ndarray):  # np.load opens any zip archive as an .npz, whatever the file is called
         array.close()
         raise QuantlabError(f"{labels}: labels must be one .npy array, not an .npz archive")

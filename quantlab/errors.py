@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import zipfile
-import zlib
-
-# What reading a damaged .npy / .npz file can raise, besides I/O errors: NumPy's header parser (ValueError), and
-# zipfile for a broken archive (BadZipFile, EOFError), a damaged deflate stream (zlib.error), or header bits that turn
-# on a compression method, encryption or flag it does not support (NotImplementedError, RuntimeError). Readers turn
-# these into a one-line QuantlabError naming the file.
-CORRUPT_FILE_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError)
+import contextlib
+import os
+import warnings
+from collections.abc import Iterator
 
 
 class QuantlabError(Exception):
@@ -28,3 +24,22 @@ class QuantlabInterrupted(QuantlabRuntimeError):
     """The user pressed Ctrl-C: nothing was written; exit code 130 as for SIGINT."""
 
     exit_code = 130
+
+
+@contextlib.contextmanager
+def reading(path: str | os.PathLike, problem: str) -> Iterator[None]:
+    """Around the decoding of a file given by the user (np.load, zipfile): any failure becomes the one-line
+    `QuantlabError` "<path>: <problem> (<what the decoder said>)", and the decoder's warnings are not shown.
+
+    A damaged .npy/.npz makes these decoders raise far more than OSError and ValueError: zipfile raises BadZipFile,
+    EOFError, NotImplementedError (a compression method or flag bit it lacks), RuntimeError ("encrypted"), zlib.error;
+    NumPy's header parser SyntaxError, tokenize.TokenError, TypeError, MemoryError (a huge shape); and it warns
+    (SyntaxWarning, DeprecationWarning) before failing. Keep only decoding calls inside the block.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            yield
+        except Exception as exc:
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise QuantlabError(f"{path}: {problem} ({detail})") from None

@@ -8,6 +8,7 @@ A signed histogram of 2N bins over [-a, a] folds into the |x| histogram of N bin
 from __future__ import annotations
 
 import json
+import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from quantlab.atomic import atomic_write
-from quantlab.errors import CORRUPT_FILE_ERRORS, QuantlabError
+from quantlab.errors import QuantlabError, reading
 
 FORMAT_NAME = "quantlab-histograms"
 FORMAT_VERSION = 1
@@ -252,11 +253,10 @@ def load_histograms(path: str | Path) -> HistogramSet:
     path = Path(path)
     if not path.is_file():
         raise QuantlabError(f"{path}: histogram file not found")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {key: npz[key] for key in npz.files}
-    except CORRUPT_FILE_ERRORS as exc:
-        raise QuantlabError(f"{path}: not a quantlab histogram file ({exc})") from None
+    if not zipfile.is_zipfile(path):  # else np.load tries it as a pickle and suggests allow_pickle
+        raise QuantlabError(f"{path}: not a quantlab histogram file (not an .npz archive)")
+    with reading(path, "not a quantlab histogram file"), np.load(path, allow_pickle=False) as npz:
+        arrays = {key: npz[key] for key in npz.files}
     try:
         meta = json.loads(str(arrays["meta"]))
     except (KeyError, json.JSONDecodeError):

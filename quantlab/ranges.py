@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from quantlab.atomic import atomic_write
-from quantlab.errors import CORRUPT_FILE_ERRORS, QuantlabError
+from quantlab.errors import QuantlabError, reading
 
 FORMAT_NAME = "quantlab-ranges"
 FORMAT_VERSION = 1
@@ -129,12 +130,12 @@ class TensorRanges:
         path = Path(path)
         if not path.is_file():
             raise QuantlabError(f"{path}: ranges file not found")
-        try:
+        if not zipfile.is_zipfile(path):  # else np.load tries it as a pickle and suggests allow_pickle
+            raise QuantlabError(f"{path}: not a quantlab ranges file (not an .npz archive)")
+        with reading(path, "not a quantlab ranges file"):
             with np.load(path, allow_pickle=False) as npz:
                 arrays = {key: npz[key] for key in npz.files}
             meta = json.loads(str(arrays["meta"]))
-        except (*CORRUPT_FILE_ERRORS, KeyError):
-            raise QuantlabError(f"{path}: not a quantlab ranges file") from None
         if not isinstance(meta, dict) or meta.pop("format", None) != FORMAT_NAME:
             raise QuantlabError(f"{path}: not a quantlab ranges file")
         if meta.pop("format_version", None) != FORMAT_VERSION:

@@ -35,16 +35,21 @@ def _method(method: str, options: Mapping) -> Callable[..., float]:
 
 
 def _amax(hist: Histogram, func: Callable[..., float], options: Mapping, name: str | None) -> float:
+    """amax of one histogram; every error and warning names the tensor (once) when `name` is given."""
+    what = f"tensor {name!r}" if name else "histogram"
     if not isinstance(hist, Histogram):
-        raise QuantlabError(f"expected a quantlab Histogram, got {type(hist).__name__}")
+        raise QuantlabError(f"{what + ': ' if name else ''}expected a quantlab Histogram, got {type(hist).__name__}")
     if hist.total == 0 and (hist.nan_count or hist.inf_count):
-        what = f"{'tensor ' + repr(name) if name else 'histogram'}"
         raise QuantlabError(f"{what} has only NaN/Inf values ({hist.nan_count} NaN, {hist.inf_count} Inf): no threshold")
     if hist.total == 0 or hist.amax == 0:
-        what = "holds no values" if hist.total == 0 else "is all zeros"
-        warnings.warn(f"{'tensor ' + repr(name) if name else 'histogram'} {what}: amax = 0", stacklevel=3)
+        warnings.warn(f"{what} {'holds no values' if hist.total == 0 else 'is all zeros'}: amax = 0", stacklevel=3)
         return 0.0
-    return float(func(hist, **options))
+    try:
+        return float(func(hist, **options))
+    except QuantlabError as exc:
+        if name is None:
+            raise
+        raise QuantlabError(f"{what}: {exc}") from None
 
 
 def compute_amax(hist: Histogram, method: str = "kl", **options) -> float:
@@ -59,9 +64,6 @@ def calibrate(histograms: Mapping[str, Histogram], method: str = "kl", **options
     """amax of every tensor of a histogram set (name -> amax, in the set's order)."""
     func = _method(method, options)
     amaxes = {}
-    for name, hist in histograms.items():
-        try:
-            amaxes[name] = _amax(hist, func, options, name)
-        except QuantlabError as exc:
-            raise QuantlabError(f"tensor {name!r}: {exc}") from None
+    for name, hist in histograms.items():  # a loop, not a comprehension: _amax's warnings point at our caller
+        amaxes[name] = _amax(hist, func, options, name)
     return amaxes
