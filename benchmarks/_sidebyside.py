@@ -9,10 +9,14 @@ from pathlib import Path
 
 
 def measure_in_fresh_process(module: str, function: str, *args: str) -> dict:
-    """`benchmarks/<module>.py:<function>(*args)` in a new Python; its result dict plus that process's peak RSS."""
+    """`benchmarks/<module>.py:<function>(*args)` in a new Python; its result dict plus that process's peak RSS.
+
+    Peak RSS is VmHWM, which starts afresh at exec (getrusage's ru_maxrss would carry the parent's over).
+    """
     code = (
-        "import json, resource, sys; sys.path.insert(0, %r); import %s as b; r = b.%s(*%r); "
-        "r['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024; print(json.dumps(r))"
+        "import json, sys; sys.path.insert(0, %r); import %s as b; r = b.%s(*%r); "
+        "r['peak_rss_mb'] = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')) / 1024; "
+        "print(json.dumps(r))"
     ) % (str(Path(__file__).parent), module, function, list(args))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])

@@ -1,23 +1,22 @@
 """Collection throughput with 1 process vs N local worker processes vs Ray tasks, and peak RSS per worker.
 
-The model is built here: a convolutional net on 3x64x64 inputs (fixed-seed random weights and inputs, which is all
-a throughput figure needs), heavy enough that inference, not histogramming, dominates. Every run's histograms are
-checked to be bit-identical to the single-process ones. Prints samples/s and the speedup ratios (target >= 1.6x
-with 2 workers).
-Usage: python benchmarks/scale.py [--samples 384] [--workers 2] [--ray]
+Two models built here (fixed-seed random weights and inputs, which is all a throughput figure needs): a conv net on
+3x64x64 inputs, whose big convs ONNX Runtime already spreads over the cores, and a deep MLP run one sample at a time,
+whose many small ops it cannot. Every run's histograms are checked to be bit-identical to the single-process ones.
+Prints samples/s, cores kept busy, and the speedup ratios (target >= 1.6x with 2 workers).
+Usage: python benchmarks/scale.py [--samples 384] [--sequential-samples 12000] [--workers 2] [--ray]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from _sidebyside import measure_in_fresh_process
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
@@ -55,6 +54,30 @@ def build_model(path: Path, channels: int = 48, blocks: int = 4) -> Path:
     return path
 
 
+def build_mlp(path: Path, width: int = 128, layers: int = 24) -> Path:
+    """A deep stack of small MatMul+Add+Tanh layers, run one sample at a time (as sequence and speech models often
+    are): many small ops that ONNX Runtime cannot spread over cores, so a second process has a core to use."""
+    rng = np.random.default_rng(0)
+    inits, nodes, x = [], [], "input"
+    for layer in range(layers):
+        weight = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+        inits += [numpy_helper.from_array(weight, f"w{layer}"), numpy_helper.from_array(np.zeros(width, np.float32), f"b{layer}")]
+        nodes += [
+            helper.make_node("MatMul", [x, f"w{layer}"], [f"mm{layer}"]),
+            helper.make_node("Add", [f"mm{layer}", f"b{layer}"], [f"pre{layer}"]),
+            helper.make_node("Tanh", [f"pre{layer}"], [f"act{layer}"]),
+        ]
+        x = f"act{layer}"
+    graph = helper.make_graph(
+        nodes, "scale_bench_mlp",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["batch", width])],
+        initializer=inits,
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
 def build_data(directory: Path, samples: int, shape: tuple[int, ...], per_file: int) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(1)
@@ -63,56 +86,71 @@ def build_data(directory: Path, samples: int, shape: tuple[int, ...], per_file: 
     return directory
 
 
-def children_peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+def run_collect(model: str, data: str, batch_size: str, out: str, ranges: str = "", shard: str = "") -> dict:
+    """One process's work, in a fresh interpreter: a whole collect (or, with ranges and shard, one worker's
+    histogram pass); saves the histograms to `out` and returns the time (warm-up excluded)."""
+    import quantlab
+
+    options = {"batch_size": int(batch_size) if batch_size else None}
+    if shard:
+        index, count = (int(part) for part in shard.split("/"))
+        options.update(ranges=ranges, shard=(index, count))
+    quantlab.collect(model, data, limit=16, batch_size=options["batch_size"])  # warm-up, untimed
+    start = time.perf_counter()
+    histograms = quantlab.collect(model, data, **options)
+    seconds = time.perf_counter() - start
+    histograms.save(out)
+    return {"seconds": seconds, "tensors": len(histograms)}
+
+
+def compare(label: str, model: Path, data: Path, samples: int, workers: int, use_ray: bool, batch_size: int | None = None) -> None:
+    """One process vs `workers` local processes (and Ray tasks): time, peak RSS, identical counts."""
+    import quantlab
+    from quantlab.shards import collect_parallel
+
+    size = str(batch_size or "")
+    with tempfile.TemporaryDirectory() as tmp:
+        single = measure_in_fresh_process("scale", "run_collect", str(model), str(data), size, f"{tmp}/single.npz")
+        reference = quantlab.load_histograms(f"{tmp}/single.npz")
+        ranges = quantlab.collect_ranges(model, data, batch_size=batch_size).save(Path(tmp) / "ranges.npz")
+        worker = measure_in_fresh_process(
+            "scale", "run_collect", str(model), str(data), size, f"{tmp}/shard.npz", str(ranges), f"0/{workers}"
+        )
+    rows = [("1 process", single["seconds"], single["peak_rss_mb"])]
+    runs = [(f"{workers} local workers", {})] + ([(f"Ray, {workers} tasks", {"use_ray": True})] if use_ray else [])
+    for name, extra in runs:
+        start = time.perf_counter()
+        merged = collect_parallel(model, data, workers, batch_size=batch_size, **extra)
+        seconds = time.perf_counter() - start
+        if not all(np.array_equal(merged[n].counts, reference[n].counts) for n in reference):
+            sys.exit(f"{label}, {name}: histograms differ from the single-process run")
+        rows.append((name, seconds, worker["peak_rss_mb"]))
+    print(f"\n{label}: {len(reference)} activation tensors, {samples} samples")
+    print(f"{'run':<20} {'seconds':>8} {'samples/s':>10} {'speedup':>8} {'peak RSS MB':>12}")
+    for name, seconds, rss in rows:
+        print(f"{name:<20} {seconds:>8.2f} {samples / seconds:>10.1f} {rows[0][1] / seconds:>7.2f}x {rss:>12.1f}")
+    print("histograms bit-identical in every run; peak RSS per process: the single process, one worker on its shard")
+    print(f"speedup with {workers} local workers: {rows[0][1] / rows[1][1]:.2f}x (target >= 1.6x)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=384)
+    parser.add_argument("--samples", type=int, default=384, help="samples for the conv model")
+    parser.add_argument("--sequential-samples", type=int, default=12000, help="samples for the MLP, one per run")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--ray", action="store_true", help="also run the shards as Ray tasks (needs the ray extra)")
     args = parser.parse_args()
+    if args.ray:
+        import ray
 
-    import quantlab
-    from quantlab.shards import collect_parallel
-
+        ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory() as tmp:
-        model = build_model(Path(tmp) / "model.onnx")
-        data = build_data(Path(tmp) / "data", args.samples, (3, 64, 64), per_file=16)
-        quantlab.collect(model, data, limit=16)  # warm-up: imports and first runs outside the timers
-        rows = []
-        before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-        reference = quantlab.collect(model, data)
-        single = time.perf_counter() - start
-        after = resource.getrusage(resource.RUSAGE_SELF)
-        cores_busy = (after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime) / single
-        rows.append(("1 process", single, after.ru_maxrss / 1024))
-
-        def timed(label: str, **options) -> None:
-            start = time.perf_counter()
-            merged = collect_parallel(model, data, args.workers, **options)
-            seconds = time.perf_counter() - start
-            same = all(np.array_equal(merged[n].counts, reference[n].counts) for n in reference)
-            if not same:
-                sys.exit(f"{label}: histograms differ from the single-process run")
-            rows.append((label, seconds, children_peak_rss_mb()))
-
-        timed(f"{args.workers} local workers")
-        if args.ray:
-            import ray
-
-            ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
-            timed(f"Ray, {args.workers} tasks", use_ray=True)
-            ray.shutdown()
-
-    print(f"model: 5 convs x 48 channels on 3x64x64, {len(reference)} activation tensors; {args.samples} samples")
-    print(f"{'run':<20} {'seconds':>8} {'samples/s':>10} {'speedup':>8} {'peak RSS MB':>12}")
-    for label, seconds, rss in rows:
-        print(f"{label:<20} {seconds:>8.2f} {args.samples / seconds:>10.1f} {single / seconds:>7.2f}x {rss:>12.1f}")
-    print("(peak RSS: the single process's own; for workers, the largest worker process's)")
-    print(f"the single process kept {cores_busy:.2f} of {os.cpu_count()} cores busy (ONNX Runtime's threads + binning overlapped)")
-    print(f"speedup with {args.workers} local workers: {single / rows[1][1]:.2f}x (target >= 1.6x); histograms bit-identical")
+        conv = build_model(Path(tmp) / "conv.onnx")
+        conv_data = build_data(Path(tmp) / "conv_data", args.samples, (3, 64, 64), per_file=16)
+        compare("conv net, 5 convs x 48 channels on 3x64x64, batches of 16", conv, conv_data, args.samples, args.workers, args.ray)
+        mlp = build_mlp(Path(tmp) / "mlp.onnx")
+        mlp_data = build_data(Path(tmp) / "mlp_data", args.sequential_samples, (128,), per_file=1000)
+        compare("24-layer MLP (width 128), one sample per run", mlp, mlp_data, args.sequential_samples, args.workers, args.ray, batch_size=1)
 
 
 if __name__ == "__main__":

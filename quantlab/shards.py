@@ -55,8 +55,21 @@ def _init_worker(updates) -> None:
     _updates = updates
 
 
+PROGRESS_INTERVAL = 0.2  # seconds between a worker's progress reports: a queue put per batch would slow small batches
+
+
 def _run_local(job: ShardJob, ranges: TensorRanges | None) -> Any:
-    return job.run(ranges, lambda shard, stage, samples: _updates.put((shard, stage, samples)))
+    last = [0.0]
+
+    def report(shard: int, stage: str, samples: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= PROGRESS_INTERVAL:
+            last[0] = now
+            _updates.put((shard, stage, samples))
+
+    result = job.run(ranges, report)
+    _updates.put((job.shard[0], "ranges" if ranges is None else "histograms", result.metadata["data"]["samples"]))
+    return result
 
 
 def shard_jobs(model: str | Path, data: str | Path, workers: int, **options: Any) -> list[ShardJob]:
