@@ -426,7 +426,7 @@ def drift(
     """Per-layer FP32 vs INT8 drift (SQNR, cosine, relative and max error), worst first."""
     from quantlab.atomic import check_writable
     from quantlab.data import CalibrationData
-    from quantlab.drift import _load_labels, measure_drift, measure_isolated, propose_fp32
+    from quantlab.drift import load_labels, measure_drift, measure_isolated, propose_fp32
     from quantlab.model import input_specs, load_model
     from quantlab.report import drift_table, fp32_proposal_table, sqnr_comparison_table
 
@@ -444,7 +444,7 @@ def drift(
     if plot is not None:
         _check_figure_path(plot)
     calibration = CalibrationData(data, input_specs(load_model(model)), batch_size=batch_size, limit=limit)
-    expected = _load_labels(labels)
+    expected = load_labels(labels)
     if engine == "tensorrt":
         report = _tensorrt_drift(model, thresholds, qdq, calibration, expected, isolated or against or keep_fp32 or target_sqnr)
         source = {"engine": "tensorrt", "thresholds": str(thresholds or qdq)}

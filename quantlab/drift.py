@@ -239,7 +239,7 @@ def paired_report(
     `runner.mapping` the observed names, `runner.outputs` the model outputs, `runner.ops` their op types. ONNX
     Runtime's runner is `_PairedRunner`; the TensorRT backend has its own.
     """
-    expected = _load_labels(labels)
+    expected = load_labels(labels)
     sums = {name: _Sums() for name in runner.mapping}
     top1 = {"fp32": 0, "int8": 0, "agree": 0}
     samples = 0
@@ -267,7 +267,8 @@ def paired_report(
     return DriftReport(layers, final, {"mode": "accumulated", "model": str(model), "samples": samples})
 
 
-def _load_labels(labels: str | Path | np.ndarray | None) -> np.ndarray | None:
+def load_labels(labels: str | Path | np.ndarray | None) -> np.ndarray | None:
+    """Integer class labels, one per sample in data order, from a .npy file (or passed through as an array)."""
     if labels is None or isinstance(labels, np.ndarray):
         return labels
     with reading(labels, "cannot read labels"):
