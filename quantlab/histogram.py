@@ -7,8 +7,6 @@ A signed histogram of 2N bins over [-a, a] folds into the |x| histogram of N bin
 
 from __future__ import annotations
 
-import json
-import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from quantlab.atomic import atomic_write
-from quantlab.errors import QuantlabError, reading
+from quantlab.errors import QuantlabError
+from quantlab.npzfile import read_npz, write_npz
 
 FORMAT_NAME = "quantlab-histograms"
 FORMAT_VERSION = 1
@@ -189,7 +187,6 @@ class HistogramSet(Mapping):
             raise QuantlabError(f"all histograms in a file must have the same number of bins, got {sorted(sizes)}")
         hists = [self.histograms[n] for n in names]
         arrays: dict[str, np.ndarray] = {
-            "meta": np.array(json.dumps({"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **self.metadata})),
             "names": np.array(names, dtype=str),
             "counts": np.stack([h.counts for h in hists]).astype(np.int64),
             "edges": np.stack([h.edges for h in hists]),
@@ -199,9 +196,7 @@ class HistogramSet(Mapping):
             missing = np.array([v is None for v in values])
             arrays[name] = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
             arrays[name][missing] = np.nan
-        with atomic_write(path) as handle:
-            np.savez(handle, **arrays)
-        return Path(path)
+        return write_npz(path, FORMAT_NAME, FORMAT_VERSION, self.metadata, arrays)
 
     @classmethod
     def merge(cls, parts: Iterable[HistogramSet]) -> HistogramSet:
@@ -250,24 +245,7 @@ def _shards_of(part: HistogramSet) -> list[tuple[int, int]]:
 
 def load_histograms(path: str | Path) -> HistogramSet:
     """Read a histogram file written by `quantlab collect` (validates its format and every histogram)."""
-    path = Path(path)
-    if not path.is_file():
-        raise QuantlabError(f"{path}: histogram file not found")
-    if not zipfile.is_zipfile(path):  # else np.load tries it as a pickle and suggests allow_pickle
-        raise QuantlabError(f"{path}: not a quantlab histogram file (not an .npz archive)")
-    with reading(path, "not a quantlab histogram file"), np.load(path, allow_pickle=False) as npz:
-        arrays = {key: npz[key] for key in npz.files}
-    try:
-        meta = json.loads(str(arrays["meta"]))
-    except (KeyError, json.JSONDecodeError):
-        raise QuantlabError(f"{path}: not a quantlab histogram file (no metadata)") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
-        raise QuantlabError(f"{path}: not a quantlab histogram file")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise QuantlabError(
-            f"{path}: histogram format version {meta.get('format_version')} is not supported "
-            f"(this quantlab reads version {FORMAT_VERSION}); collect again"
-        )
+    arrays, meta = read_npz(path, FORMAT_NAME, FORMAT_VERSION, "histogram", "collect again")
     try:
         names = arrays["names"]
         counts, edges = arrays["counts"], arrays["edges"]
@@ -309,6 +287,4 @@ def load_histograms(path: str | Path) -> HistogramSet:
             )
         except QuantlabError as exc:
             raise QuantlabError(f"{path}: tensor {name!r}: {exc}") from None
-    meta.pop("format", None)
-    meta.pop("format_version", None)
     return HistogramSet(histograms, meta)

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from quantlab.atomic import atomic_write
-from quantlab.errors import QuantlabError, reading
+from quantlab.errors import QuantlabError
+from quantlab.npzfile import read_npz, write_npz
 
 FORMAT_NAME = "quantlab-ranges"
 FORMAT_VERSION = 1
@@ -110,7 +109,6 @@ class TensorRanges:
     def save(self, path: str | Path) -> Path:
         """Write the ranges as one `.npz` (no pickle), atomically."""
         arrays = {
-            "meta": np.array(json.dumps({"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **self.metadata})),
             "names": np.array(self.names, dtype=str),
             "dtypes": np.array([str(d or "float32") for d in self.dtypes], dtype=str),
             "min": np.array([np.nan if v is None else float(v) for v in self.low]),
@@ -120,26 +118,12 @@ class TensorRanges:
             "nans": self.nans,
             "infs": self.infs,
         }
-        with atomic_write(path) as handle:
-            np.savez(handle, **arrays)
-        return Path(path)
+        return write_npz(path, FORMAT_NAME, FORMAT_VERSION, self.metadata, arrays)
 
     @classmethod
     def load(cls, path: str | Path) -> TensorRanges:
         """Read a ranges file written by `quantlab collect --ranges-only`."""
-        path = Path(path)
-        if not path.is_file():
-            raise QuantlabError(f"{path}: ranges file not found")
-        if not zipfile.is_zipfile(path):  # else np.load tries it as a pickle and suggests allow_pickle
-            raise QuantlabError(f"{path}: not a quantlab ranges file (not an .npz archive)")
-        with reading(path, "not a quantlab ranges file"):
-            with np.load(path, allow_pickle=False) as npz:
-                arrays = {key: npz[key] for key in npz.files}
-            meta = json.loads(str(arrays["meta"]))
-        if not isinstance(meta, dict) or meta.pop("format", None) != FORMAT_NAME:
-            raise QuantlabError(f"{path}: not a quantlab ranges file")
-        if meta.pop("format_version", None) != FORMAT_VERSION:
-            raise QuantlabError(f"{path}: ranges format version is not {FORMAT_VERSION}; collect the ranges again")
+        arrays, meta = read_npz(path, FORMAT_NAME, FORMAT_VERSION, "ranges", "collect the ranges again")
         try:
             names = [str(n) for n in arrays["names"]]
             ranges = cls(names, meta)
