@@ -111,8 +111,9 @@ def collect(
     from quantlab.model import input_specs, load_model
 
     check_writable(out)
-    if bins < 1:
-        raise QuantlabError(f"--bins must be at least 1, got {bins}")
+    from quantlab.collection import check_bins
+
+    check_bins(bins)
     shard_index = _parse_shard(shard)
     if shard_index and not (ranges or ranges_only):
         raise QuantlabError("--shard needs --ranges (shards merge exactly only over shared ranges) or --ranges-only")

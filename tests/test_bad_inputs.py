@@ -273,7 +273,8 @@ CASES = [
     C("collect-inference-fails", lambda f, o: ["collect", f.reshape_onnx, "-d", f.rows2_data, "-o", o], 1, ("inference failed",), sentinel=True),
     C("drift-wrong-shape", lambda f, o: ["drift", f.model, "-d", f.wrong_shape_data, "--thresholds", f.cache, "--json", o], 2, ("x.npy", "(dim 3)"), out="d.json", sentinel=True),
     # options
-    C("collect-bins-0", lambda f, o: ["collect", f.model, "-d", f.calib, "--bins", "0", "-o", o], 2, ("--bins must be at least 1, got 0",), sentinel=True),
+    C("collect-bins-0", lambda f, o: ["collect", f.model, "-d", f.calib, "--bins", "0", "-o", o], 2, ("--bins must be between 1 and 65536, got 0",), sentinel=True),
+    C("collect-bins-too-many", lambda f, o: ["collect", f.model, "-d", f.calib, "--bins", "100000", "-o", o], 2, ("--bins must be between 1 and 65536, got 100000",), sentinel=True),
     C("collect-bins-not-a-number", lambda f, o: ["collect", f.model, "-d", f.calib, "--bins", "many", "-o", o], 2, ("Invalid value for '--bins'", "valid integer")),
     C("collect-batch-size-0", lambda f, o: ["collect", f.model, "-d", f.calib, "--batch-size", "0", "-o", o], 2, ("--batch-size must be at least 1, got 0",)),
     C("collect-shard-3-of-2", lambda f, o: ["collect", f.model, "-d", f.calib, "--ranges", f.ranges, "--shard", "3/2", "-o", o], 2, ("--shard 3/2", "0 <= I < N"), sentinel=True),

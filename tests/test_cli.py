@@ -103,7 +103,7 @@ def wrong_dtype_data(tmp_path: Path) -> Path:
         (lambda t: ["collect", str(DEMO_MODEL), "--data", str(t)], ["data directory is empty"]),
         (lambda t: ["collect", str(DEMO_MODEL), "--data", str(t / "nope")], ["data directory not found"]),
         (lambda t: ["collect", str(DEMO_MODEL), "--data", str(wrong_dtype_data(t))], ["x.npy", "dtype float64"]),
-        (lambda t: ["collect", str(DEMO_MODEL), "--data", str(CALIB_DIR), "--bins", "0"], ["--bins must be at least 1"]),
+        (lambda t: ["collect", str(DEMO_MODEL), "--data", str(CALIB_DIR), "--bins", "0"], ["--bins must be between 1 and 65536"]),
         (lambda t: ["collect", str(DEMO_MODEL), "--data", str(CALIB_DIR), "--out", str(t)], ["output path is a directory"]),
         (lambda t: ["show", str(DEMO_MODEL)], ["digits_cnn.onnx", "not a quantlab histogram file"]),
     ],
