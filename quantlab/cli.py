@@ -177,9 +177,11 @@ def show(
     from quantlab.report import histogram_table, tensor_detail
 
     if plot is not None:
+        from quantlab.plots import check_figure_path
+
         if tensor is None:
             raise QuantlabError("--plot needs a TENSOR")
-        _check_figure_path(plot)
+        check_figure_path(plot)
     histograms = load_histograms(histograms_file)
     console = _console()
     if tensor is None:
@@ -196,7 +198,7 @@ def show(
     if plot is not None:
         from quantlab.calibration import calibrate as calibrate_all
         from quantlab.formats import read_thresholds
-        from quantlab.plots import plot_histogram
+        from quantlab.plots import plot_histogram, save_figure
 
         marks = {method: calibrate_all({tensor: hist}, method)[tensor] for method in ("max", "kl", "percentile", "mse")}
         for path in thresholds or []:
@@ -204,7 +206,7 @@ def show(
             if tensor not in table.amax:
                 raise QuantlabError(f"{path}: no threshold for tensor {tensor!r}")
             marks[path.name] = table.amax[tensor]
-        _save_figure(plot_histogram(hist, marks, title=tensor), plot)
+        save_figure(plot_histogram(hist, marks, title=tensor), plot)
         console.print(f"wrote {plot}")
 
 
@@ -246,9 +248,11 @@ def calibrate(
 
     check_writable(out)
     if plot is not None:
+        from quantlab.plots import check_figure_path
+
         if compare is None:
             raise QuantlabError("--plot goes with --compare")
-        _check_figure_path(plot)
+        check_figure_path(plot)
     options = _method_options(method, variant, percentile, exact_zeros)
     histograms = load_histograms(histograms_file)
     started = time.perf_counter()
@@ -277,9 +281,9 @@ def calibrate(
     if compare is not None:
         console.print(comparison_table(histograms, tables))
         if plot is not None:
-            from quantlab.plots import plot_threshold_comparison
+            from quantlab.plots import plot_threshold_comparison, save_figure
 
-            _save_figure(plot_threshold_comparison(tables), plot)
+            save_figure(plot_threshold_comparison(tables), plot)
             console.print(f"wrote {plot}")
 
 
@@ -330,30 +334,6 @@ def export(
 
     written = export_qdq(model, read_thresholds(thresholds), out, weight_method=weights, keep_fp32=_split_patterns(keep_fp32) or ())
     _console().print(f"wrote {written}")
-
-
-def _figure_format(path: Path) -> str:
-    return path.suffix.lstrip(".").lower() or "png"
-
-
-def _check_figure_path(path: Path) -> None:
-    """Before any work: the image can be written, in a format matplotlib writes (named by the extension)."""
-    from matplotlib.backend_bases import FigureCanvasBase
-
-    from quantlab.atomic import check_writable
-
-    check_writable(path)
-    formats = FigureCanvasBase.get_supported_filetypes()
-    if _figure_format(path) not in formats:
-        raise QuantlabError(f"{path}: cannot write a plot as {_figure_format(path)!r}; use {', '.join(sorted(formats))}")
-
-
-def _save_figure(figure, path: Path) -> None:
-    """Write a matplotlib figure atomically, in the format its extension names."""
-    from quantlab.atomic import atomic_write
-
-    with atomic_write(path) as handle:
-        figure.savefig(handle, format=_figure_format(path), dpi=120)
 
 
 def _int8_model(model: Path, thresholds: Optional[Path], qdq: Optional[Path], weights: str):
@@ -443,7 +423,9 @@ def drift(
         if path is not None:
             check_writable(path)
     if plot is not None:
-        _check_figure_path(plot)
+        from quantlab.plots import check_figure_path
+
+        check_figure_path(plot)
     calibration = CalibrationData(data, input_specs(load_model(model)), batch_size=batch_size, limit=limit)
     expected = load_labels(labels)
     if engine == "tensorrt":
@@ -467,9 +449,9 @@ def drift(
         report.save_json(json_out)
         console.print(f"wrote {json_out}")
     if plot is not None:
-        from quantlab.plots import plot_drift
+        from quantlab.plots import plot_drift, save_figure
 
-        _save_figure(plot_drift(report), plot)
+        save_figure(plot_drift(report), plot)
         console.print(f"wrote {plot}")
     if proposing:
         from quantlab.formats import read_thresholds

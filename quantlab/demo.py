@@ -66,7 +66,7 @@ def run_demo(out: str | Path, progress: Progress | None = None) -> DemoResult:
     from quantlab.drift import measure_drift
     from quantlab.formats import Thresholds, write_thresholds
     from quantlab.formats.qdq import export_qdq
-    from quantlab.plots import plot_drift
+    from quantlab.plots import plot_drift, save_figure
 
     paths = demo_paths()
     out = Path(out)
@@ -95,8 +95,5 @@ def run_demo(out: str | Path, progress: Progress | None = None) -> DemoResult:
     result.report = measure_drift(model_copy, qdq_path, paths.eval_inputs, labels=paths.eval_labels)
     result.report.metadata["method"] = "kl (tensorrt)"
     result.written["drift report"] = result.report.save_json(out / "drift.json")
-    figure = plot_drift(result.report)
-    with atomic_write(out / "drift.png") as handle:
-        figure.savefig(handle, format="png", dpi=120)
-    result.written["drift plot"] = out / "drift.png"
+    result.written["drift plot"] = save_figure(plot_drift(result.report), out / "drift.png")
     return result

@@ -7,11 +7,14 @@ Every function returns a matplotlib Figure and draws into `ax` when one is given
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from quantlab.calibration import compute_amax, kl_curve
+from quantlab.atomic import atomic_write, check_writable
+from quantlab.errors import QuantlabError
 from quantlab.histogram import Histogram
 
 if TYPE_CHECKING:
@@ -162,3 +165,25 @@ def plot_drift(report, *, title: str | None = None, ax: Axes | None = None) -> F
     ax.set_title(title or "INT8 drift per tensor" + (f" ({method})" if method else ""))
     ax.legend(fontsize="small")
     return ax.figure
+
+
+def _figure_format(path: Path) -> str:
+    return path.suffix.lstrip(".").lower() or "png"
+
+
+def check_figure_path(path: str | Path) -> None:
+    """Before any work: the image can be written, in a format matplotlib writes (named by the extension)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    path = check_writable(path)
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if _figure_format(path) not in formats:
+        raise QuantlabError(f"{path}: cannot write a plot as {_figure_format(path)!r}; use {', '.join(sorted(formats))}")
+
+
+def save_figure(figure: Figure, path: str | Path) -> Path:
+    """Write a figure atomically, in the format its extension names (png when it has none)."""
+    path = Path(path)
+    with atomic_write(path) as handle:
+        figure.savefig(handle, format=_figure_format(path), dpi=120)
+    return path
