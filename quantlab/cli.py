@@ -14,7 +14,7 @@ try:  # typer 0.20+ runs on its own copy of click (and no longer installs click)
 except ImportError:  # older typer runs on click itself
     from click import exceptions as click_exceptions
 
-from quantlab.errors import QuantlabError
+from quantlab.errors import QuantlabError, first_line
 
 app = typer.Typer(
     name="quantlab",
@@ -535,7 +535,6 @@ def main() -> None:
     except Exception as exc:
         if _settings["debug"]:
             raise
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"quantlab: internal error: {type(exc).__name__}: {message} (run with --debug for the traceback)", file=sys.stderr)
+        print(f"quantlab: internal error: {type(exc).__name__}: {first_line(exc)} (run with --debug for the traceback)", file=sys.stderr)
         sys.exit(1)
     sys.exit(result if isinstance(result, int) else 0)

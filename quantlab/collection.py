@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from quantlab.data import Batch, CalibrationData
-from quantlab.errors import QuantlabError, QuantlabInterrupted, QuantlabRuntimeError
+from quantlab.errors import QuantlabError, QuantlabInterrupted, QuantlabRuntimeError, first_line
 from quantlab.histogram import Histogram, HistogramSet, histogram_of
 from quantlab.ranges import TensorRanges
 from quantlab.model import activation_tensors, create_session, file_sha256, input_specs, load_model, with_outputs
@@ -125,7 +125,7 @@ class _Runner:
         try:
             produced = dict(zip(self.outputs, self.session.run(self.outputs, feed)))
         except Exception as exc:
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            message = first_line(exc)
             raise QuantlabRuntimeError(f"inference failed: {message}") from None
         return [_as_float(feed[name] if name in feed else produced[name]) for name in self.names]
 

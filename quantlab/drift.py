@@ -26,7 +26,7 @@ import onnx
 
 from quantlab.atomic import atomic_write
 from quantlab.data import Batch, CalibrationData
-from quantlab.errors import QuantlabError, QuantlabRuntimeError, reading
+from quantlab.errors import QuantlabError, QuantlabRuntimeError, first_line, reading
 from quantlab.model import (
     ORT_LOG_SEVERITY, activation_tensors, create_session, input_specs, load_model, producers, with_outputs,
 )
@@ -138,7 +138,7 @@ def _int8_graph(qdq_model: onnx.ModelProto, directory: Path) -> onnx.ModelProto:
     try:
         ort.InferenceSession(qdq_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        message = first_line(exc)
         raise QuantlabError(f"ONNX Runtime cannot load the INT8 model: {message}") from None
     return onnx.load(options.optimized_model_filepath)
 
@@ -160,7 +160,7 @@ def _run(session, names: list[str], feed: Batch) -> list[np.ndarray]:
     try:
         return session.run(names, feed)
     except Exception as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        message = first_line(exc)
         raise QuantlabRuntimeError(f"inference failed: {message}") from None
 
 

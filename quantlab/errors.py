@@ -41,5 +41,10 @@ def reading(path: str | os.PathLike, problem: str) -> Iterator[None]:
         try:
             yield
         except Exception as exc:
-            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise QuantlabError(f"{path}: {problem} ({detail})") from None
+            raise QuantlabError(f"{path}: {problem} ({first_line(exc)})") from None
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none): foreign errors in one line."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from quantlab.errors import QuantlabError
+from quantlab.errors import QuantlabError, first_line
 
 FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
 # Serialized protobufs are capped at 2 GiB; larger models go to ONNX Runtime through a file with external data.
@@ -51,8 +51,7 @@ def load_model(path: str | Path) -> onnx.ModelProto:
         else:
             onnx.checker.check_model(str(path))
     except (onnx.checker.ValidationError, ValueError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise QuantlabError(f"{path}: invalid ONNX model ({first_line})") from None
+        raise QuantlabError(f"{path}: invalid ONNX model ({first_line(exc)})") from None
     return model
 
 
@@ -67,8 +66,7 @@ def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
         missing = [name for name in dict.fromkeys(locations) if not (path.parent / name).is_file()]
         if missing:
             raise QuantlabError(f"{path}: external data file missing ({', '.join(missing)})") from None
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise QuantlabError(f"{path}: cannot read its external data ({first_line})") from None
+        raise QuantlabError(f"{path}: cannot read its external data ({first_line(exc)})") from None
 
 
 def file_sha256(path: str | Path) -> str:
@@ -169,5 +167,5 @@ def create_session(model: onnx.ModelProto, threads: int = 0):
             onnx.save(model, str(path), save_as_external_data=True, location="weights.bin")
             return ort.InferenceSession(str(path), options, providers=providers)
     except Exception as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        message = first_line(exc)
         raise QuantlabError(f"ONNX Runtime cannot load the model: {message}") from None

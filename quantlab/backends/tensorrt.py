@@ -51,7 +51,7 @@ from typing import Any, Literal
 import numpy as np
 
 from quantlab.atomic import atomic_write, check_writable
-from quantlab.errors import QuantlabError, QuantlabRuntimeError
+from quantlab.errors import QuantlabError, QuantlabRuntimeError, first_line
 from quantlab.formats import read_bytes
 from quantlab.formats.trt_cache import parse_cache, trt_version_code
 from quantlab.model import activation_tensors, create_session, input_specs, load_model, producers, with_outputs
@@ -276,7 +276,7 @@ class TensorRTPairedRunner:
         try:
             reference = dict(zip(names, self.fp32.run(names, dict(feed))))
         except Exception as exc:
-            raise QuantlabRuntimeError(f"ONNX Runtime inference failed: {_first_line(exc)}") from None
+            raise QuantlabRuntimeError(f"ONNX Runtime inference failed: {first_line(exc)}") from None
         values = self._engine.run(feed)
         return reference, {name: values[self.mapping[name]] for name in names}
 
@@ -287,13 +287,9 @@ def _import_tensorrt() -> Any:
     except ImportError:
         raise QuantlabError(MISSING_TENSORRT) from None
     except OSError as exc:  # the package is there but its libraries (libnvinfer) are not
-        raise QuantlabError(f"TensorRT cannot be loaded: {_first_line(exc)}") from None
+        raise QuantlabError(f"TensorRT cannot be loaded: {first_line(exc)}") from None
     return tensorrt
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 @functools.cache

@@ -52,7 +52,7 @@ import numpy as np
 import onnx
 
 from quantlab.atomic import atomic_write, check_writable
-from quantlab.errors import QuantlabError
+from quantlab.errors import QuantlabError, first_line
 from quantlab.formats import Thresholds
 from quantlab.model import activation_tensors, load_model
 
@@ -146,7 +146,7 @@ def quantize_qdq(
     try:
         quantizer.quantize_model()
     except ValueError as exc:
-        message = f"{path}: ONNX Runtime's quantizer cannot quantize this model ({_first_line(exc)})"
+        message = f"{path}: ONNX Runtime's quantizer cannot quantize this model ({first_line(exc)})"
         raise QuantlabError(message) from None
     quantizer.model.topological_sort()
     qdq = quantizer.model.model
@@ -274,7 +274,7 @@ def _with_min_opset(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
     except Exception as exc:  # the converter raises RuntimeError, ValueError, ...: all mean "cannot convert"
         raise QuantlabError(
             f"{path}: opset {opset} is too old for per-channel Q/DQ and converting it to {MIN_OPSET} failed"
-            f" ({_first_line(exc)})"
+            f" ({first_line(exc)})"
         ) from None
 
 
@@ -319,6 +319,3 @@ def _few(names: Sequence[str], shown: int = 3) -> str:
     return f"{listed} and {len(names) - shown} more" if len(names) > shown else listed
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
