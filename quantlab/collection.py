@@ -1,9 +1,10 @@
 """Run a model in ONNX Runtime and stream every float activation tensor into an exact histogram.
 
 Two passes over the data: the first finds each tensor's max|x| (and its min, max, counts of values, zeros, NaN and
-Inf); the second adds each batch's `np.histogram` over the fixed range [-max|x|, +max|x|]. With the range fixed,
-a value's bin does not depend on the batch it came in, so the sum over batches is exactly `np.histogram` of all values
-at once. Memory is one batch of activations plus tensors x bins counts, whatever the size of the data set.
+Inf); the second bins each batch over the fixed range [-max|x|, +max|x|], exactly as `np.histogram` would. With the
+range fixed, a value's bin does not depend on the batch it came in, so the sum over batches is exactly `np.histogram`
+of all values at once. Memory is two batches of activations (one in ONNX Runtime, one being binned) plus tensors x
+bins counts, whatever the size of the data set.
 """
 
 from __future__ import annotations
