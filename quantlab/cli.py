@@ -41,7 +41,7 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 
 
 @contextmanager
-def _progress(total: int, quiet: bool) -> Iterator:
+def _progress(quiet: bool) -> Iterator:
     """A rich progress bar per stage (shown only on a terminal and without --quiet); yields the progress callback."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -57,10 +57,10 @@ def _progress(total: int, quiet: bool) -> Iterator:
     )
     tasks: dict[str, int] = {}
 
-    def update(stage: str, samples: int) -> None:
+    def update(stage: str, samples: int, total: int | None) -> None:
         if stage not in tasks:
             tasks[stage] = bar.add_task(stage, total=total)
-        bar.update(tasks[stage], completed=samples)
+        bar.update(tasks[stage], completed=samples, total=total)
 
     with bar:
         yield update
@@ -107,25 +107,21 @@ def collect(
 ) -> None:
     """Stream every float activation tensor of MODEL over the data into exact histograms."""
     from quantlab.atomic import check_writable
-    from quantlab.data import CalibrationData
-    from quantlab.model import input_specs, load_model
-
-    check_writable(out)
     from quantlab.collection import check_bins
 
+    check_writable(out)
     check_bins(bins)
     shard_index = _parse_shard(shard)
     if shard_index and not (ranges or ranges_only):
         raise QuantlabError("--shard needs --ranges (shards merge exactly only over shared ranges) or --ranges-only")
     if (workers > 1 or ray) and (shard_index or ranges or ranges_only):
         raise QuantlabError("--workers/--ray run every shard themselves; leave out --shard, --ranges and --ranges-only")
-    calibration = CalibrationData(data, input_specs(load_model(model)), batch_size=batch_size, limit=limit, shard=shard_index)
     options = dict(batch_size=batch_size, limit=limit, tensors=_split_patterns(tensors))
-    with _progress(len(calibration), quiet) as progress:
+    with _progress(quiet) as progress:
         if ranges_only:
             from quantlab.collection import collect_ranges
 
-            result = collect_ranges(model, calibration, tensors=options["tensors"], progress=progress)
+            result = collect_ranges(model, data, shard=shard_index, progress=progress, **options)
         elif workers > 1 or ray:
             from quantlab.shards import collect_parallel
 
@@ -136,9 +132,7 @@ def collect(
         else:
             from quantlab.collection import collect as collect_histograms
 
-            result = collect_histograms(
-                model, calibration, bins=bins, tensors=options["tensors"], ranges=ranges, progress=progress
-            )
+            result = collect_histograms(model, data, bins=bins, ranges=ranges, shard=shard_index, progress=progress, **options)
     result.save(out)
     samples = result.metadata["data"]["samples"]
     if ranges_only:
@@ -474,17 +468,14 @@ def demo(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Run every stage on the bundled digits CNN and calib_data/, writing the artifacts to --out."""
-    from quantlab.data import CalibrationData
     from quantlab.demo import demo_paths, run_demo
-    from quantlab.model import input_specs, load_model
 
     paths = demo_paths()
     console = _console()
     console.print(f"demo model {paths.model}\ncalibration data {paths.calib}")
     from quantlab.report import drift_table
 
-    samples = len(CalibrationData(paths.calib, input_specs(load_model(paths.model))))
-    with _progress(samples, quiet) as progress:
+    with _progress(quiet) as progress:
         result = run_demo(out, progress=progress)
     for label, path in result.written.items():
         console.print(f"  wrote {path}  ({label})")

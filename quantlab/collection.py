@@ -12,7 +12,7 @@ from __future__ import annotations
 import fnmatch
 import time
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence, Sized
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,7 @@ from quantlab.histogram import Histogram, HistogramSet, histogram_of
 from quantlab.ranges import TensorRanges
 from quantlab.model import activation_tensors, create_session, file_sha256, input_specs, load_model, with_outputs
 
-Progress = Callable[[str, int], None]
+Progress = Callable[[str, int, "int | None"], None]  # (stage, samples done, samples in all or None)
 BUFFER_BUDGET = 64 << 20  # bytes, over all tensors, for gathering small batches before counting them
 MAX_BINS = 65536  # |x| bins; beyond, float32 edges are too close for the one-sided bin estimate (and for any use)
 SMALL_BATCH = 8192  # values: a tensor's batch below this is gathered first
@@ -199,7 +199,7 @@ def collect(
 
     `data` is a directory of .npy/.npz files, a CalibrationData, or a re-iterable of feeds {input name: array}.
     `tensors` keeps only the names matching these globs; `threads` is ONNX Runtime's intra-op thread count (0: its
-    default); `progress(stage, samples)` is called after each batch. Without `ranges`, a range pass over the data
+    default); `progress(stage, samples, total)` is called after each batch. Without `ranges`, a range pass over the data
     comes first. With `ranges` (from `collect_ranges` over the whole data set, or its file), only the histogram pass
     runs, here over the `shard=(i, n)` slice of the data: the parts then merge exactly (`HistogramSet.merge`).
     """
@@ -270,6 +270,7 @@ def _run_pass(
     thread consumes batch k, so at most two batches of activations are alive at once.
     """
     batches = iter(data)
+    total = len(data) if isinstance(data, Sized) else None
 
     def infer_next() -> tuple[Batch, list[np.ndarray]] | None:
         feed = next(batches, None)
@@ -286,7 +287,7 @@ def _run_pass(
                     consume(i, array)
                 samples += len(next(iter(feed.values())))
                 if progress:
-                    progress(stage, samples)
+                    progress(stage, samples, total)
         except KeyboardInterrupt:
             pending.cancel()
             raise QuantlabInterrupted(f"interrupted during the {stage} pass after {samples} samples; nothing written") from None

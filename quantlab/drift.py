@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Sized
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -242,7 +242,7 @@ def paired_report(
     expected = load_labels(labels)
     sums = {name: _Sums() for name in runner.mapping}
     top1 = {"fp32": 0, "int8": 0, "agree": 0}
-    samples = 0
+    samples, total = 0, len(data) if isinstance(data, Sized) else None
     for feed in data:
         reference, observed = runner.run(feed)
         for name, pair in sums.items():
@@ -252,7 +252,7 @@ def paired_report(
             _count_top1(top1, reference[runner.outputs[0]], observed[runner.outputs[0]], expected, samples, batch)
         samples += batch
         if progress:
-            progress("drift", samples)
+            progress("drift", samples, total)
     if samples == 0:
         raise QuantlabError("the data holds no samples")
     results = {name: pair.result(name, runner.ops.get(name, "?")) for name, pair in sums.items()}
@@ -360,7 +360,7 @@ def measure_isolated(
         data = CalibrationData(data, input_specs(fp32), batch_size=batch_size, limit=limit)
     sums = [_Sums() for _ in layers]
     computed = [name for name in needed if name not in fed]
-    samples = 0
+    samples, total = 0, len(data) if isinstance(data, Sized) else None
     for feed in data:
         values = {**feed, **dict(zip(computed, _run(reference_session, computed, feed)))}
         for layer, piece, pair in zip(layers, pieces, sums):
@@ -368,7 +368,7 @@ def measure_isolated(
             pair.add(values[layer.output], observed)
         samples += len(next(iter(feed.values())))
         if progress:
-            progress("isolated", samples)
+            progress("isolated", samples, total)
     if samples == 0:
         raise QuantlabError("the data holds no samples")
     results = [pair.result(layer.output, layer.op_type) for layer, pair in zip(layers, sums)]

@@ -37,9 +37,9 @@ class ShardJob:
     threads: int = 1
     options: dict[str, Any] = field(default_factory=dict)
 
-    def run(self, ranges: TensorRanges | None, report: Callable[[int, str, int], None] | None) -> Any:
+    def run(self, ranges: TensorRanges | None, report: Callable[[int, str, int, int | None], None] | None) -> Any:
         """The range pass on this shard (without `ranges`), else the histogram pass over `ranges`."""
-        progress = None if report is None else (lambda stage, samples: report(self.shard[0], stage, samples))
+        progress = None if report is None else (lambda stage, samples, total: report(self.shard[0], stage, samples, total))
         common = dict(batch_size=self.batch_size, limit=self.limit, shard=self.shard, threads=self.threads,
                       tensors=list(self.tensors) if self.tensors else None, progress=progress)
         if ranges is None:
@@ -61,14 +61,15 @@ PROGRESS_INTERVAL = 0.2  # seconds between a worker's progress reports: a queue 
 def _run_local(job: ShardJob, ranges: TensorRanges | None) -> Any:
     last = [0.0]
 
-    def report(shard: int, stage: str, samples: int) -> None:
+    def report(shard: int, stage: str, samples: int, total: int | None) -> None:
         now = time.monotonic()
         if now - last[0] >= PROGRESS_INTERVAL:
             last[0] = now
-            _updates.put((shard, stage, samples))
+            _updates.put((shard, stage, samples, total))
 
     result = job.run(ranges, report)
-    _updates.put((job.shard[0], "ranges" if ranges is None else "histograms", result.metadata["data"]["samples"]))
+    samples = result.metadata["data"]["samples"]
+    _updates.put((job.shard[0], "ranges" if ranges is None else "histograms", samples, samples))
     return result
 
 
@@ -110,16 +111,20 @@ def collect_parallel(
 
 
 class _ProgressTotals:
-    """Adds up the samples each shard reports into one figure per stage."""
+    """Adds up what each shard reports into one figure per stage; the total is known once every shard has reported."""
 
-    def __init__(self, progress: Progress | None) -> None:
+    def __init__(self, progress: Progress | None, shards: int) -> None:
         self.progress = progress
-        self.done: dict[tuple[int, str], int] = {}
+        self.shards = shards
+        self.reports: dict[tuple[int, str], tuple[int, int | None]] = {}
 
-    def __call__(self, shard: int, stage: str, samples: int) -> None:
-        self.done[(shard, stage)] = samples
+    def __call__(self, shard: int, stage: str, samples: int, total: int | None) -> None:
+        self.reports[(shard, stage)] = (samples, total)
         if self.progress:
-            self.progress(stage, sum(n for (_, s), n in self.done.items() if s == stage))
+            stage_reports = [report for (_, s), report in self.reports.items() if s == stage]
+            totals = [t for _, t in stage_reports]
+            known = len(totals) == self.shards and None not in totals
+            self.progress(stage, sum(n for n, _ in stage_reports), sum(totals) if known else None)
 
 
 class _ProcessExecutor:
@@ -137,7 +142,7 @@ class _ProcessExecutor:
         self.pool.shutdown(cancel_futures=True)
 
     def run(self, jobs: list[ShardJob], ranges: TensorRanges | None, progress: Progress | None) -> list[Any]:
-        totals = _ProgressTotals(progress)
+        totals = _ProgressTotals(progress, len(jobs))
         futures = [self.pool.submit(_run_local, job, ranges) for job in jobs]
         pending: set[Future] = set(futures)
         while pending:
@@ -179,7 +184,7 @@ class _RayExecutor:
             results[futures.index(done[0])] = self.ray.get(done[0])
             if progress:  # Ray reports whole shards: the samples of the shards finished so far
                 samples = sum(r.metadata["data"]["samples"] for r in results if r is not None)
-                progress("ranges" if ranges is None else "histograms", samples)
+                progress("ranges" if ranges is None else "histograms", samples, None)
         return results
 
 
