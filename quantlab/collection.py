@@ -18,10 +18,18 @@ from pathlib import Path
 import numpy as np
 
 from quantlab.data import Batch, CalibrationData
-from quantlab.errors import QuantlabError, QuantlabInterrupted, QuantlabRuntimeError, first_line
+from quantlab.errors import QuantlabError, QuantlabInterrupted
 from quantlab.histogram import Histogram, HistogramSet, histogram_of
 from quantlab.ranges import TensorRanges
-from quantlab.model import activation_tensors, create_session, file_sha256, input_specs, load_model, with_outputs
+from quantlab.model import (
+    activation_tensors,
+    create_session,
+    file_sha256,
+    input_specs,
+    load_model,
+    run_session,
+    with_outputs,
+)
 
 Progress = Callable[[str, int, "int | None"], None]  # (stage, samples done, samples in all or None)
 BUFFER_BUDGET = 64 << 20  # bytes, over all tensors, for gathering small batches before counting them
@@ -123,11 +131,7 @@ class _Runner:
         self.outputs = [name for name in self.names if name not in fed]
 
     def values(self, feed: Batch) -> list[np.ndarray]:
-        try:
-            produced = dict(zip(self.outputs, self.session.run(self.outputs, feed)))
-        except Exception as exc:
-            message = first_line(exc)
-            raise QuantlabRuntimeError(f"inference failed: {message}") from None
+        produced = dict(zip(self.outputs, run_session(self.session, self.outputs, feed)))
         return [_as_float(feed[name] if name in feed else produced[name]) for name in self.names]
 
 

@@ -28,7 +28,14 @@ from quantlab.atomic import atomic_write
 from quantlab.data import Batch, CalibrationData
 from quantlab.errors import QuantlabError, QuantlabRuntimeError, first_line, reading
 from quantlab.model import (
-    ORT_LOG_SEVERITY, activation_tensors, create_session, input_specs, load_model, producers, with_outputs,
+    ORT_LOG_SEVERITY,
+    activation_tensors,
+    create_session,
+    input_specs,
+    load_model,
+    producers,
+    run_session,
+    with_outputs,
 )
 
 DEQUANTIZED_SUFFIX = "_DequantizeLinear_Output"
@@ -156,19 +163,6 @@ def observable_tensors(fp32_names: Sequence[str], int8_graph: onnx.ModelProto) -
     return mapping
 
 
-def _run(session, names: list[str], feed: Batch) -> list[np.ndarray]:
-    try:
-        return session.run(names, feed)
-    except Exception as exc:
-        message = first_line(exc)
-        raise QuantlabRuntimeError(f"inference failed: {message}") from None
-
-
-def _plain_session(model: onnx.ModelProto):
-    """An ONNX Runtime session of a model as it is (all optimizations: the INT8 kernels ORT picks)."""
-    return create_session(model)
-
-
 class _PairedRunner:
     """Runs the FP32 model and the INT8 model on the same feed, returning the paired tensors."""
 
@@ -200,8 +194,8 @@ class _PairedRunner:
 
     def run(self, feed: Batch) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         names = list(self.mapping)
-        reference = dict(zip(names, _run(self.fp32, names, feed)))
-        observed = dict(zip(names, _run(self.int8, [self.mapping[n] for n in names], feed)))
+        reference = dict(zip(names, run_session(self.fp32, names, feed)))
+        observed = dict(zip(names, run_session(self.int8, [self.mapping[n] for n in names], feed)))
         return reference, observed
 
 
@@ -352,7 +346,7 @@ def measure_isolated(
     qdq = qdq_model if isinstance(qdq_model, onnx.ModelProto) else load_model(qdq_model)
     layers = _layers(qdq)
     extractor = onnx.utils.Extractor(onnx.shape_inference.infer_shapes(qdq))
-    pieces = [_plain_session(extractor.extract_model(list(layer.sources), [layer.observed])) for layer in layers]
+    pieces = [create_session(extractor.extract_model(list(layer.sources), [layer.observed])) for layer in layers]
     needed = list(dict.fromkeys(name for layer in layers for name in (*layer.sources, layer.output)))
     reference_session = create_session(with_outputs(fp32, needed))
     fed = {spec.name for spec in input_specs(fp32)}
@@ -362,9 +356,9 @@ def measure_isolated(
     computed = [name for name in needed if name not in fed]
     samples, total = 0, len(data) if isinstance(data, Sized) else None
     for feed in data:
-        values = {**feed, **dict(zip(computed, _run(reference_session, computed, feed)))}
+        values = {**feed, **dict(zip(computed, run_session(reference_session, computed, feed)))}
         for layer, piece, pair in zip(layers, pieces, sums):
-            (observed,) = _run(piece, [layer.observed], {name: values[name] for name in layer.sources})
+            (observed,) = run_session(piece, [layer.observed], {name: values[name] for name in layer.sources})
             pair.add(values[layer.output], observed)
         samples += len(next(iter(feed.values())))
         if progress:
@@ -393,12 +387,12 @@ def measure_final(
     kept_fp32: Sequence[str] = (),
 ) -> FinalDrift:
     """SQNR of the first output (and top-1) of a Q/DQ model against the FP32 model, both run as they are."""
-    fp32, int8 = _plain_session(fp32_model), _plain_session(qdq_model)
+    fp32, int8 = create_session(fp32_model), create_session(qdq_model)
     output = fp32_model.graph.output[0].name
     pair, top1, samples = _Sums(), {"fp32": 0, "int8": 0, "agree": 0}, 0
     for feed in data:
-        (reference,) = _run(fp32, [output], feed)
-        (observed,) = _run(int8, [output], feed)
+        (reference,) = run_session(fp32, [output], feed)
+        (observed,) = run_session(int8, [output], feed)
         pair.add(reference, observed)
         batch = len(next(iter(feed.values())))
         if labels is not None:

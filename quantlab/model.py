@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from quantlab.errors import QuantlabError, first_line
+from quantlab.errors import QuantlabError, QuantlabRuntimeError, first_line
 
 FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
 # Serialized protobufs are capped at 2 GiB; larger models go to ONNX Runtime through a file with external data.
@@ -147,6 +147,14 @@ def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
         if name not in present and name not in fed:
             exposed.graph.output.append(onnx.helper.make_tensor_value_info(name, types.get(name, TensorProto.FLOAT), None))
     return exposed
+
+
+def run_session(session, outputs: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """`session.run`, with any ONNX Runtime failure as a one-line QuantlabRuntimeError (exit 1)."""
+    try:
+        return session.run(outputs, feed)
+    except Exception as exc:
+        raise QuantlabRuntimeError(f"inference failed: {first_line(exc)}") from None
 
 
 def create_session(model: onnx.ModelProto, threads: int = 0):

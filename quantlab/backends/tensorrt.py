@@ -54,7 +54,7 @@ from quantlab.atomic import atomic_write, check_writable
 from quantlab.errors import QuantlabError, QuantlabRuntimeError, first_line
 from quantlab.formats import read_bytes
 from quantlab.formats.trt_cache import parse_cache, trt_version_code
-from quantlab.model import activation_tensors, create_session, input_specs, load_model, producers, with_outputs
+from quantlab.model import activation_tensors, create_session, input_specs, load_model, producers, run_session, with_outputs
 
 MISSING_TENSORRT = (
     "TensorRT is not installed: pip install 'quantlab[tensorrt]' (the wheels download their libraries from NVIDIA's "
@@ -273,10 +273,7 @@ class TensorRTPairedRunner:
 
     def run(self, feed: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         names = list(self.mapping)
-        try:
-            reference = dict(zip(names, self.fp32.run(names, dict(feed))))
-        except Exception as exc:
-            raise QuantlabRuntimeError(f"ONNX Runtime inference failed: {first_line(exc)}") from None
+        reference = dict(zip(names, run_session(self.fp32, names, dict(feed))))
         values = self._engine.run(feed)
         return reference, {name: values[self.mapping[name]] for name in names}
 
