@@ -24,9 +24,10 @@ def measure_in_fresh_process(module: str, function: str, *args: str) -> dict:
 
 def print_comparison(results: dict[tuple[str, str], dict], sizes: list[str], versus: str, target: str = "") -> None:
     """Table of seconds and peak RSS per (tool, size), quantlab's speed ratio per size and RSS growth per tool."""
-    print(f"{'tool':<12} {'data':>5} {'tensors':>8} {'seconds':>9} {'peak RSS MB':>12}")
+    print(f"{'tool':<12} {'data':>5} {'tensors':>8} {'seconds':>9} {'peak RSS MB':>12}  {'(min-max of rounds)'}")
     for (tool, size), r in results.items():
-        print(f"{tool:<12} {size:>5} {r['tensors']:>8} {r['seconds']:>9.3f} {r['peak_rss_mb']:>12.1f}")
+        spread = "  ({:.3f}-{:.3f})".format(*r["spread"]) if "spread" in r else ""
+        print(f"{tool:<12} {size:>5} {r['tensors']:>8} {r['seconds']:>9.3f} {r['peak_rss_mb']:>12.1f}{spread}")
     for size in sizes:
         ratio = results[("onnxruntime", size)]["seconds"] / results[("quantlab", size)]["seconds"]
         print(f"speed ratio at {size}: quantlab is {ratio:.2f}x faster than {versus}{target}")

@@ -1,15 +1,17 @@
 """quantlab collect vs ONNX Runtime's entropy calibrator (create_calibrator + collect_data), same model and data.
 
 Each measurement runs in a fresh subprocess so its peak RSS is its own; each tool first runs once on the bundled
-calibration set (warm-up: imports, first allocations, ONNX Runtime's first runs) outside the timer. Prints wall time, peak RSS, and the ratios:
+calibration set (warm-up: imports, first allocations, ONNX Runtime's first runs) outside the timer, then `--rounds`
+timed runs, of which the median counts (these 2-core machines are noisy). Prints wall time, peak RSS, and the ratios:
   - time: ORT / quantlab (target >= 2x) at 1x and 10x the data,
   - memory: quantlab's peak RSS growth from 1x to 10x the data (target < 20%), next to ORT's.
-Usage: python benchmarks/collect.py [--repeat 10] [--bins 2048]
+Usage: python benchmarks/collect.py [--repeat 10] [--bins 2048] [--rounds 5]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -31,23 +33,34 @@ def replicate(directory: Path, times: int) -> Path:
     return directory
 
 
-def run_quantlab(data: str, bins: str, warm_up: bool = True) -> dict:
+def median_of_rounds(run, rounds: int) -> dict:
+    """`run()` once untimed (warm-up), then `rounds` times; the median time and the tensor count."""
+    run()
+    results = [run() for _ in range(rounds)]
+    seconds = [r["seconds"] for r in results]
+    return {"seconds": statistics.median(seconds), "spread": [min(seconds), max(seconds)], "tensors": results[0]["tensors"]}
+
+
+def run_quantlab(data: str, bins: str, rounds: str = "1") -> dict:
     import quantlab
 
     data, bins = Path(data), int(bins)
-    if warm_up:  # imports, first allocations and ONNX Runtime's first runs outside the timer, as for ONNX Runtime
-        quantlab.collect(MODEL, CALIB, bins=bins, limit=32)
-    start = time.perf_counter()
-    histograms = quantlab.collect(MODEL, data, bins=bins)
-    return {"seconds": time.perf_counter() - start, "tensors": len(histograms)}
+
+    def once() -> dict:
+        start = time.perf_counter()
+        histograms = quantlab.collect(MODEL, data, bins=bins)
+        return {"seconds": time.perf_counter() - start, "tensors": len(histograms)}
+
+    return median_of_rounds(once, int(rounds))
 
 
-def run_onnxruntime(data: str, bins: str, warm_up: bool = True) -> dict:
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, create_calibrator
-
+def run_onnxruntime(data: str, bins: str, rounds: str = "1") -> dict:
     data, bins = Path(data), int(bins)
-    if warm_up:
-        run_onnxruntime(CALIB, bins, warm_up=False)
+    return median_of_rounds(lambda: onnxruntime_once(data, bins), int(rounds))
+
+
+def onnxruntime_once(data: Path, bins: int) -> dict:
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, create_calibrator
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -75,11 +88,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=10, help="the large data set is this many copies of calib_data/calib")
     parser.add_argument("--bins", type=int, default=2048, help="|x| bins (signed histograms have twice as many)")
+    parser.add_argument("--rounds", type=int, default=5, help="timed runs per tool and size; the median counts")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         sizes = {"1x": replicate(Path(tmp) / "x1", 1), f"{args.repeat}x": replicate(Path(tmp) / "xn", args.repeat)}
         results = {
-            (tool, size): measure_in_fresh_process("collect", f"run_{tool}", str(path), str(args.bins))
+            (tool, size): measure_in_fresh_process("collect", f"run_{tool}", str(path), str(args.bins), str(args.rounds))
             for size, path in sizes.items()
             for tool in ("quantlab", "onnxruntime")
         }
