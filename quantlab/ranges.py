@@ -18,11 +18,11 @@ from quantlab.errors import QuantlabError
 from quantlab.npzfile import read_npz, write_npz
 
 FORMAT_NAME = "quantlab-ranges"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: no zero counts (the histogram pass counts zeros)
 
 
 class TensorRanges:
-    """Running min, max and counts (values, zeros, NaN, Inf) of each tensor's values, finite values only for min/max.
+    """Running min, max and counts (values, NaN, Inf) of each tensor's values, finite values only for min/max.
 
     min and max are kept as scalars of the tensor's own dtype, so that the histogram edges built from them are the
     ones np.histogram computes for that data.
@@ -36,7 +36,6 @@ class TensorRanges:
         self.low: list[np.generic | None] = [None] * size
         self.high: list[np.generic | None] = [None] * size
         self.count = np.zeros(size, np.int64)
-        self.zeros = np.zeros(size, np.int64)
         self.nans = np.zeros(size, np.int64)
         self.infs = np.zeros(size, np.int64)
 
@@ -55,7 +54,6 @@ class TensorRanges:
             low, high = values.min(), values.max()
         self._extend(i, low, high)
         self.count[i] += values.size
-        self.zeros[i] += values.size - np.count_nonzero(values)
 
     def _extend(self, i: int, low: np.generic, high: np.generic) -> None:
         self.low[i] = low if self.low[i] is None else min(self.low[i], low)
@@ -81,7 +79,6 @@ class TensorRanges:
             "min": None if self.low[i] is None else float(self.low[i]),
             "max": None if self.high[i] is None else float(self.high[i]),
             "count": int(self.count[i]),
-            "zero_count": int(self.zeros[i]),
             "nan_count": int(self.nans[i]),
             "inf_count": int(self.infs[i]),
         }
@@ -100,7 +97,7 @@ class TensorRanges:
                 merged.dtypes[i] = merged.dtypes[i] or part.dtypes[i]
                 if part.low[i] is not None:
                     merged._extend(i, part.low[i], part.high[i])
-            for counter in ("count", "zeros", "nans", "infs"):
+            for counter in ("count", "nans", "infs"):
                 getattr(merged, counter)[:] += getattr(part, counter)
         samples = sum(part.metadata.get("data", {}).get("samples", 0) for part in parts)
         merged.metadata["data"] = {**merged.metadata.get("data", {}), "samples": samples, "shard": None, "merged_parts": len(parts)}
@@ -114,7 +111,6 @@ class TensorRanges:
             "min": np.array([np.nan if v is None else float(v) for v in self.low]),
             "max": np.array([np.nan if v is None else float(v) for v in self.high]),
             "count": self.count,
-            "zeros": self.zeros,
             "nans": self.nans,
             "infs": self.infs,
         }
@@ -132,7 +128,7 @@ class TensorRanges:
                 if not np.isnan(arrays["min"][i]):
                     ranges.low[i] = ranges.dtypes[i].type(arrays["min"][i])
                     ranges.high[i] = ranges.dtypes[i].type(arrays["max"][i])
-            for counter in ("count", "zeros", "nans", "infs"):
+            for counter in ("count", "nans", "infs"):
                 getattr(ranges, counter)[:] = arrays[counter]
         except (KeyError, ValueError, TypeError, IndexError):
             raise QuantlabError(f"{path}: ranges file is incomplete or corrupt") from None
