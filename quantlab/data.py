@@ -22,19 +22,27 @@ Batch = dict[str, np.ndarray]
 _MMAP_THRESHOLD = 64 << 20
 
 
-def _read_npy_header(handle) -> tuple[tuple[int, ...], np.dtype]:
+@dataclass(frozen=True)
+class _NpyHeader:
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fortran_order: bool
+    data_offset: int  # bytes from the start of the .npy (or of the .npz member) to the data
+
+
+def _read_npy_header(handle) -> _NpyHeader:
     version = np.lib.format.read_magic(handle)
     if version == (1, 0):
-        shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
+        shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(handle)
     elif version == (2, 0):
-        shape, _, dtype = np.lib.format.read_array_header_2_0(handle)
+        shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(handle)
     else:
         raise ValueError(f"unsupported .npy version {version}")
-    return shape, dtype
+    return _NpyHeader(shape, dtype, fortran_order, handle.tell())
 
 
-def _peek(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Array name -> (shape, dtype) of a data file, from its headers only."""
+def _peek(path: Path) -> dict[str, _NpyHeader]:
+    """Array name -> header of a data file, from its headers only."""
     with reading(path, f"not a readable {path.suffix} file"):
         if path.suffix == ".npy":
             with open(path, "rb") as handle:
@@ -49,11 +57,24 @@ def _peek(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
             return arrays
 
 
+def _read_npy(path: Path, header: _NpyHeader) -> np.ndarray:
+    """The data of a .npy whose header was read at scan time: one read, without np.load's header parse (which costs
+    more than the read itself for the small files calibration sets are often made of); memory-mapped when large."""
+    if path.stat().st_size > _MMAP_THRESHOLD:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    count = int(np.prod(header.shape))
+    values = np.fromfile(path, dtype=header.dtype, count=count, offset=header.data_offset)
+    if values.size != count:
+        raise ValueError(f"file is truncated: {values.size} of {count} values")
+    return values.reshape(header.shape, order="F" if header.fortran_order else "C")
+
+
 @dataclass(frozen=True)
 class _FilePlan:
     path: Path
     samples: int
     batched: dict[str, bool]
+    header: _NpyHeader | None  # of a .npy file
 
 
 class CalibrationData:
@@ -131,7 +152,7 @@ class CalibrationData:
             raise QuantlabError(f"{path}: {'; '.join(parts)} (model inputs: {', '.join(sorted(expected))})")
         batched, samples = {}, set()
         for spec in self.inputs:
-            shape, dtype = arrays[spec.name]
+            shape, dtype = arrays[spec.name].shape, arrays[spec.name].dtype
             if dtype != spec.dtype:
                 raise QuantlabError(f"{path}: input {spec.name!r} has dtype {dtype}, the model expects {spec.dtype}")
             batched[spec.name] = len(shape) == len(spec.shape)
@@ -149,7 +170,7 @@ class CalibrationData:
             samples.add(shape[0] if batched[spec.name] else 1)
         if len(samples) != 1:
             raise QuantlabError(f"{path}: inputs hold different numbers of samples {sorted(samples)}")
-        return _FilePlan(path, samples.pop(), batched)
+        return _FilePlan(path, samples.pop(), batched, arrays[self.inputs[0].name] if path.suffix == ".npy" else None)
 
     def summary(self) -> dict:
         """What was fed: for the histogram file's metadata."""
@@ -165,9 +186,8 @@ class CalibrationData:
     def _load(self, plan: _FilePlan) -> Batch:
         # The headers were checked before the run; the data behind them is read (and CRC-checked) only now.
         with reading(plan.path, f"not a readable {plan.path.suffix} file"):
-            if plan.path.suffix == ".npy":
-                mmap = "r" if plan.path.stat().st_size > _MMAP_THRESHOLD else None
-                arrays = {self.inputs[0].name: np.load(plan.path, mmap_mode=mmap, allow_pickle=False)}
+            if plan.header is not None:
+                arrays = {self.inputs[0].name: _read_npy(plan.path, plan.header)}
             else:
                 with np.load(plan.path, allow_pickle=False) as npz:
                     arrays = {name: npz[name] for name in npz.files}

@@ -168,6 +168,7 @@ def f(tmp_path_factory) -> SimpleNamespace:
     np.save(npy, batch)  # then a header NumPy's parser warns about before it fails
     garbled = npy.getvalue().replace(b"'descr'", b"'desc:'").replace(b"'fortran_order'", b"0for\tran_order'")
     files["garbled_npy_data"] = data_dir(root / "garbled_npy", {"x.npy": garbled})
+    files["truncated_npy_data"] = data_dir(root / "truncated_npy", {"x.npy": npy.getvalue()[:-10]})  # header intact
     files["damaged_npz_data"] = data_dir(root / "damaged_npz", {"x.npz": {"input": batch}})
     flip_byte(Path(files["damaged_npz_data"]) / "x.npz", 0.5)  # in the array data: the headers still read fine
     files["small_data"] = data_dir(root / "small", {"x.npy": np.load(EVAL_INPUTS / "eval_000.npy")[:16]})
@@ -269,6 +270,7 @@ CASES = [
     C("collect-data-file-not-npy", lambda f, o: ["collect", f.model, "-d", f.text_data, "-o", o], 2, ("notes.txt", "not a .npy or .npz file"), sentinel=True),
     C("collect-npy-header-garbled", lambda f, o: ["collect", f.model, "-d", f.garbled_npy_data, "-o", o], 2, ("x.npy", "not a readable .npy file", "Cannot parse header")),
     C("collect-npz-data-damaged", lambda f, o: ["collect", f.model, "-d", f.damaged_npz_data, "-o", o], 2, ("x.npz", "not a readable .npz file", "Bad CRC-32"), sentinel=True),
+    C("collect-npy-data-truncated", lambda f, o: ["collect", f.model, "-d", f.truncated_npy_data, "-o", o], 2, ("x.npy", "not a readable .npy file", "truncated: 253 of 256 values"), sentinel=True),
     C("collect-corrupt-npy", lambda f, o: ["collect", f.model, "-d", f.fake_npy_data, "-o", o], 2, ("x.npy", "not a readable .npy file")),
     C("collect-inference-fails", lambda f, o: ["collect", f.reshape_onnx, "-d", f.rows2_data, "-o", o], 1, ("inference failed",), sentinel=True),
     C("drift-wrong-shape", lambda f, o: ["drift", f.model, "-d", f.wrong_shape_data, "--thresholds", f.cache, "--json", o], 2, ("x.npy", "(dim 3)"), out="d.json", sentinel=True),

@@ -34,6 +34,13 @@ def test_batches_hold_every_sample_in_sorted_file_order(demo_inputs, batch_size)
         assert len(batches) == 10
 
 
+def test_fortran_ordered_files_read_as_their_values(tmp_path, demo_inputs):
+    samples = stored_samples()[:6]
+    np.save(tmp_path / "a.npy", np.asfortranarray(samples[:4]))
+    np.save(tmp_path / "b.npy", samples[4])  # one sample, C order
+    np.testing.assert_array_equal(np.concatenate([f["input"] for f in CalibrationData(tmp_path, demo_inputs)]), samples[:5])
+
+
 def test_limit_stops_after_n_samples(demo_inputs):
     data = CalibrationData(CALIB_DIR, demo_inputs, batch_size=16, limit=40)
     np.testing.assert_array_equal(np.concatenate([f["input"] for f in data]), stored_samples()[:40])
