@@ -60,14 +60,15 @@ class ExactBins:
         limit = np.finfo(np.float32).max / 4
         narrow = self.edges.dtype == np.float32 and width <= limit and bins / width <= limit
         self.work = np.dtype(np.float32 if narrow else np.float64)
-        self.first = self.work.type(edges[0])
+        # estimate = x * scale + offset, i.e. (x - first edge) * scale + shift
         self.scale = self.work.type(bins / width)
         # How far, in bins, the actual edges stray from an ideal uniform grid, plus the arithmetic's own worst error.
         stray = np.abs((edges - edges[0]) * self.scale - np.arange(bins + 1)).max()
-        self.shift = self.work.type(2 * stray + 8 * (bins + 1) * np.finfo(self.work).eps)
-        self.window = self.work.type(2 * self.shift)
+        shift = 2 * stray + 8 * (bins + 1) * np.finfo(self.work).eps
+        self.offset = self.work.type(shift - edges[0] * float(self.scale))
+        self.window = self.work.type(2 * shift)
         # No usable estimate (edges far from uniform among the subnormals, or a width beyond float64): search them all.
-        self.search_all = not (np.isfinite(width) and self.shift <= 0.25)
+        self.search_all = not (np.isfinite(width) and shift <= 0.25)
         zero = np.zeros(1, dtype)
         self.zero_settled = not self.search_all and self._estimate(zero)[0] == self._settle(zero, self._estimate(zero))[0]
 
@@ -87,7 +88,7 @@ class ExactBins:
         self.filled = 0
 
     def _estimate(self, values: np.ndarray) -> np.ndarray:
-        return np.floor((values - self.first) * self.scale + self.shift).astype(np.intp)
+        return np.floor(values * self.scale + self.offset).astype(np.intp)
 
     def _settle(self, values: np.ndarray, estimate: np.ndarray) -> np.ndarray:
         """The true bins of values whose estimate is the true bin or the next one."""
@@ -102,9 +103,8 @@ class ExactBins:
         for start in range(0, values.size, self.workspace.chunk):
             chunk = values[start : start + self.workspace.chunk]
             estimate, floor, index, ambiguous, nonzero = self.workspace.arrays(self.work, chunk.size)
-            np.subtract(chunk, self.first, out=estimate)
-            estimate *= self.scale
-            estimate += self.shift
+            np.multiply(chunk, self.scale, out=estimate)
+            estimate += self.offset
             np.floor(estimate, out=floor)
             index[...] = floor
             # The estimate is the true bin unless it lies within `window` above a boundary: then it may be one high.
