@@ -28,6 +28,7 @@ from quantlab.model import (
     input_specs,
     load_model,
     run_session,
+    value_sources,
     with_outputs,
 )
 
@@ -65,7 +66,11 @@ def _buffer_size(tensors: int, itemsize: int, workspace: Workspace) -> int:
 
 
 class _Runner:
-    """Feeds batches through one session and hands out the selected tensors' values per batch."""
+    """Feeds batches through one session and hands out, per batch, the values of the tensors it measures.
+
+    `names` are the selected tensors; `measured` the ones that hold their values (a Reshape or Transpose output holds
+    its input's values, so only the input is measured); `measured_index[k]` is where names[k]'s values are measured.
+    """
 
     def __init__(self, model_path: Path, tensors: Sequence[str] | None, threads: int) -> None:
         self.model = load_model(model_path)
@@ -74,13 +79,16 @@ class _Runner:
         if not names:
             raise QuantlabError(f"{model_path}: the model has no float activation tensors to calibrate")
         self.names = select_tensors(names, tensors)
-        self.session = create_session(with_outputs(self.model, self.names), threads=threads)
+        sources = value_sources(self.model, names)
+        self.measured = list(dict.fromkeys(sources[name] for name in self.names))
+        self.measured_index = [self.measured.index(sources[name]) for name in self.names]
+        self.session = create_session(with_outputs(self.model, self.measured), threads=threads)
         fed = {spec.name for spec in self.inputs}
-        self.outputs = [name for name in self.names if name not in fed]
+        self.outputs = [name for name in self.measured if name not in fed]
 
     def values(self, feed: Batch) -> list[np.ndarray]:
         produced = dict(zip(self.outputs, run_session(self.session, self.outputs, feed)))
-        return [_as_float(feed[name] if name in feed else produced[name]) for name in self.names]
+        return [_as_float(feed[name] if name in feed else produced[name]) for name in self.measured]
 
 
 def _open(
@@ -107,6 +115,7 @@ def _metadata(model: Path, runner: _Runner, summary: dict, samples: int, started
         "model_name": model.name,
         "model_sha256": file_sha256(model),
         "tensors": len(runner.names),
+        "measured_tensors": len(runner.measured),  # the others hold a measured tensor's values, rearranged
         "data": {**summary, "samples": samples},
         "seconds": round(time.perf_counter() - started, 3),
     }
@@ -126,7 +135,7 @@ def collect_ranges(
     """The range pass alone: per-tensor min, max and counts over the data (or one shard of it)."""
     started = time.perf_counter()
     runner, data, summary = _open(model, data, tensors, threads, batch_size, limit, shard)
-    ranges = TensorRanges(runner.names)
+    ranges = TensorRanges(runner.measured)
     samples = _run_pass(runner, data, "ranges", progress, ranges.update)
     if samples == 0:
         raise QuantlabError("the calibration data holds no samples")
@@ -159,17 +168,17 @@ def collect(
     started = time.perf_counter()
     runner, data, summary = _open(model, data, tensors, threads, batch_size, limit, shard)
     if ranges is None:
-        ranges = TensorRanges(runner.names)
+        ranges = TensorRanges(runner.measured)
         if _run_pass(runner, data, "ranges", progress, ranges.update) == 0:
             raise QuantlabError("the calibration data holds no samples")
         seen = ranges
     else:
         ranges = _check_ranges(ranges, runner, Path(model))
-        seen = TensorRanges(runner.names)
+        seen = TensorRanges(runner.measured)
     workspace = Workspace()
-    buffer = _buffer_size(len(runner.names), 8, workspace)
+    buffer = _buffer_size(len(runner.measured), 8, workspace)
     binners = [
-        ExactBins(ranges.amax(i), 2 * bins, ranges.dtypes[i], buffer, workspace) for i in range(len(runner.names))
+        ExactBins(ranges.amax(i), 2 * bins, ranges.dtypes[i], buffer, workspace) for i in range(len(runner.measured))
     ]
 
     def add(i: int, values: np.ndarray) -> None:
@@ -177,7 +186,7 @@ def collect(
             seen.update(i, values)
             if seen.low[i] is not None and max(abs(seen.low[i]), abs(seen.high[i])) > ranges.amax(i):
                 raise QuantlabError(
-                    f"tensor {runner.names[i]!r} has values beyond the given ranges (max|x| {float(seen.amax(i)):.6g} > "
+                    f"tensor {runner.measured[i]!r} has values beyond the given ranges (max|x| {float(seen.amax(i)):.6g} > "
                     f"{float(ranges.amax(i)):.6g}): collect the ranges over the same data"
                 )
         if ranges.has_nonfinite(i):
@@ -190,8 +199,8 @@ def collect(
     if samples == 0:
         raise QuantlabError("the calibration data holds no samples")
     histograms = {
-        name: Histogram(binners[i].counts, binners[i].edges, zero_count=binners[i].zeros, **seen.stats(i))
-        for i, name in enumerate(runner.names)
+        name: Histogram(binners[i].counts.copy(), binners[i].edges, zero_count=binners[i].zeros, **seen.stats(i))
+        for name, i in zip(runner.names, runner.measured_index)
     }
     metadata = {
         "bins": bins,
@@ -208,7 +217,7 @@ def _check_ranges(ranges: TensorRanges | str | Path, runner: _Runner, model: Pat
         ranges = TensorRanges.load(ranges)
     if ranges.metadata.get("model_sha256") not in (None, file_sha256(model)):
         raise QuantlabError(f"the ranges were collected on another model (not {model.name})")
-    if ranges.names != runner.names:
+    if ranges.names != runner.measured:
         raise QuantlabError("the ranges hold other tensors than this run (another --tensors filter?)")
     return ranges
 

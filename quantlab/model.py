@@ -128,6 +128,24 @@ def activation_tensors(model: onnx.ModelProto) -> list[str]:
     return names
 
 
+# Ops whose output holds exactly its first input's values, only rearranged: the same values, so the same histogram.
+_REARRANGING_OPS = frozenset({"Flatten", "Identity", "Reshape", "Squeeze", "Transpose", "Unsqueeze"})
+
+
+def value_sources(model: onnx.ModelProto, names: list[str]) -> dict[str, str]:
+    """Activation tensor -> the tensor whose values it holds rearranged (through Reshape, Transpose, ...), or itself.
+
+    `names` are the model's activation tensors. A tensor and its source have the same histogram, so collection
+    measures each source once: detection and transformer graphs hold many such reshapes of large tensors.
+    """
+    source = {name: name for name in names}
+    for node in model.graph.node:
+        rearranges = node.op_type in _REARRANGING_OPS and node.domain in ("", "ai.onnx")
+        if rearranges and node.input and node.input[0] in source and node.output[0] in source:
+            source[node.output[0]] = source[node.input[0]]
+    return source
+
+
 def producers(model: onnx.ModelProto) -> dict[str, str]:
     """Tensor name -> op type of the node that produces it ("Input" for graph inputs)."""
     ops = {spec.name: "Input" for spec in input_specs(model)}

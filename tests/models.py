@@ -51,6 +51,48 @@ def save_multi_input_model(path: Path) -> Path:
     return path
 
 
+def save_rearranging_model(path: Path) -> Path:
+    """Tensors that hold other tensors' values rearranged, next to ones that compute or select values.
+
+    x: [batch, 4, 6] float. xt = Transpose(x); act = Relu(xt); flat = Reshape(act, [-1, 24]); u = Unsqueeze(flat);
+    s = Squeeze(u); same = Identity(s); xf = Flatten(x); part = Slice(act) (a subset: its own values);
+    out = same * 2. Four tensors compute or select values: x, act, part, out; the other six rearrange them.
+    """
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 2, 1]),
+        helper.make_node("Relu", ["xt"], ["act"]),
+        helper.make_node("Reshape", ["act", "shape"], ["flat"]),
+        helper.make_node("Unsqueeze", ["flat", "axis1"], ["u"]),
+        helper.make_node("Squeeze", ["u", "axis1"], ["s"]),
+        helper.make_node("Identity", ["s"], ["same"]),
+        helper.make_node("Flatten", ["x"], ["xf"], axis=1),
+        helper.make_node("Slice", ["act", "zero", "two", "axis1"], ["part"]),
+        helper.make_node("Mul", ["same", "two_f"], ["out"]),
+    ]
+    initializers = [
+        numpy_helper.from_array(np.array([-1, 24], np.int64), "shape"),
+        numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+        numpy_helper.from_array(np.array([0], np.int64), "zero"),
+        numpy_helper.from_array(np.array([2], np.int64), "two"),
+        numpy_helper.from_array(np.array(2.0, np.float32), "two_f"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "rearranging",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 6])],
+        [
+            helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 24]),
+            helper.make_tensor_value_info("part", TensorProto.FLOAT, ["batch", 2, 4]),
+            helper.make_tensor_value_info("xf", TensorProto.FLOAT, ["batch", 24]),
+        ],
+        initializer=initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
 def save_multi_input_data(directory: Path, files: int = 3, samples_per_file: int = 5, seed: int = 1) -> Path:
     """`.npz` files keyed by input name for the multi-input model (batches, one sample per file for the last)."""
     rng = np.random.default_rng(seed)

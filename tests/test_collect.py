@@ -7,7 +7,7 @@ import pytest
 
 import quantlab
 from conftest import CALIB_DIR, DEMO_MODEL, run_all_float_outputs
-from models import save_multi_input_data, save_multi_input_model
+from models import save_multi_input_data, save_multi_input_model, save_rearranging_model
 from quantlab.errors import QuantlabError
 from quantlab.model import file_sha256
 
@@ -74,6 +74,25 @@ def test_several_inputs_dynamic_batch_constants_and_int_side_tensors(tmp_path):
     rebatched = quantlab.collect(model, data, bins=64, batch_size=4)
     for name in ("a", "b", "sum", "proj", "act", "emb", "out"):  # "width" is the batch size itself
         np.testing.assert_array_equal(rebatched[name].counts, histograms[name].counts)
+
+
+def test_rearranged_tensors_are_measured_once_and_still_exact(tmp_path):
+    """Transpose/Reshape/Squeeze/Unsqueeze/Identity/Flatten outputs hold their input's values: measured once,
+    reported under every name, each exactly np.histogram of its own values (gathered independently)."""
+    model = save_rearranging_model(tmp_path / "rearranging.onnx")
+    rng = np.random.default_rng(7)
+    data = tmp_path / "data"
+    data.mkdir()
+    batches = [rng.normal(size=(n, 4, 6)).astype(np.float32) for n in (3, 5, 1)]
+    for i, batch in enumerate(batches):
+        np.save(data / f"{i}.npy", batch)
+    histograms = quantlab.collect(model, data, bins=128)
+    assert list(histograms) == ["x", "xt", "act", "flat", "u", "s", "same", "xf", "part", "out"]
+    assert histograms.metadata["measured_tensors"] == 4  # x, act, part, out
+    assert_exact(histograms, run_all_float_outputs(model, [{"x": b} for b in batches]), bins=128)
+    alone = quantlab.collect(model, data, bins=128, tensors=["same"])
+    assert list(alone) == ["same"] and alone.metadata["measured_tensors"] == 1
+    np.testing.assert_array_equal(alone["same"].counts, histograms["act"].counts)
 
 
 def test_nan_and_inf_inputs_are_counted_and_left_out(tmp_path):
