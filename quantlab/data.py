@@ -57,10 +57,10 @@ def _peek(path: Path) -> dict[str, _NpyHeader]:
             return arrays
 
 
-def _read_npy(path: Path, header: _NpyHeader) -> np.ndarray:
+def _read_npy(path: Path, header: _NpyHeader, large: bool) -> np.ndarray:
     """The data of a .npy whose header was read at scan time: one read, without np.load's header parse (which costs
     more than the read itself for the small files calibration sets are often made of); memory-mapped when large."""
-    if path.stat().st_size > _MMAP_THRESHOLD:
+    if large:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     count = int(np.prod(header.shape))
     values = np.fromfile(path, dtype=header.dtype, count=count, offset=header.data_offset)
@@ -75,6 +75,7 @@ class _FilePlan:
     samples: int
     batched: dict[str, bool]
     header: _NpyHeader | None  # of a .npy file
+    large: bool  # over _MMAP_THRESHOLD: memory-mapped
 
 
 class CalibrationData:
@@ -170,7 +171,8 @@ class CalibrationData:
             samples.add(shape[0] if batched[spec.name] else 1)
         if len(samples) != 1:
             raise QuantlabError(f"{path}: inputs hold different numbers of samples {sorted(samples)}")
-        return _FilePlan(path, samples.pop(), batched, arrays[self.inputs[0].name] if path.suffix == ".npy" else None)
+        header = arrays[self.inputs[0].name] if path.suffix == ".npy" else None
+        return _FilePlan(path, samples.pop(), batched, header, path.stat().st_size > _MMAP_THRESHOLD)
 
     def summary(self) -> dict:
         """What was fed: for the histogram file's metadata."""
@@ -187,7 +189,7 @@ class CalibrationData:
         # The headers were checked before the run; the data behind them is read (and CRC-checked) only now.
         with reading(plan.path, f"not a readable {plan.path.suffix} file"):
             if plan.header is not None:
-                arrays = {self.inputs[0].name: _read_npy(plan.path, plan.header)}
+                arrays = {self.inputs[0].name: _read_npy(plan.path, plan.header, plan.large)}
             else:
                 with np.load(plan.path, allow_pickle=False) as npz:
                     arrays = {name: npz[name] for name in npz.files}

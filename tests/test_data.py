@@ -41,6 +41,12 @@ def test_fortran_ordered_files_read_as_their_values(tmp_path, demo_inputs):
     np.testing.assert_array_equal(np.concatenate([f["input"] for f in CalibrationData(tmp_path, demo_inputs)]), samples[:5])
 
 
+def test_large_files_are_memory_mapped_and_read_alike(demo_inputs, monkeypatch):
+    monkeypatch.setattr("quantlab.data._MMAP_THRESHOLD", 0)  # every file counts as large
+    feeds = list(CalibrationData(CALIB_DIR, demo_inputs))
+    np.testing.assert_array_equal(np.concatenate([f["input"] for f in feeds]), stored_samples())
+
+
 def test_limit_stops_after_n_samples(demo_inputs):
     data = CalibrationData(CALIB_DIR, demo_inputs, batch_size=16, limit=40)
     np.testing.assert_array_equal(np.concatenate([f["input"] for f in data]), stored_samples()[:40])
