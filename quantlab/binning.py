@@ -70,7 +70,11 @@ class ExactBins:
         # No usable estimate (edges far from uniform among the subnormals, or a width beyond float64): search them all.
         self.search_all = not (np.isfinite(width) and shift <= 0.25)
         zero = np.zeros(1, dtype)
-        self.zero_settled = not self.search_all and self._estimate(zero)[0] == self._settle(zero, self._estimate(zero))[0]
+        if self.search_all:
+            self.zero_settled = False
+        else:
+            estimate = self._estimate(zero)
+            self.zero_settled = bool(estimate[0] == self._settle(zero, estimate)[0])
 
     def add(self, values: np.ndarray) -> None:
         """Count one batch of finite values within the range."""

@@ -34,7 +34,7 @@ from quantlab.model import (
 
 Progress = Callable[[str, int, "int | None"], None]  # (stage, samples done, samples in all or None)
 BUFFER_BUDGET = 64 << 20  # bytes, over all tensors, for gathering small batches before counting them
-MAX_BINS = 65536  # |x| bins; beyond, float32 edges are too close for the one-sided bin estimate (and for any use)
+MAX_BINS = 65536  # |x| bins; beyond, float32 edges over a small range are too close to be of any use
 
 
 def check_bins(bins: int) -> None:
