@@ -95,7 +95,7 @@ def collect(
     data: Path = typer.Option(..., "--data", "-d", help="Directory of .npy (single input) or .npz (keyed by input name) files."),
     out: Path = typer.Option(Path("histograms.npz"), "--out", "-o", help="Histogram file (or ranges file with --ranges-only) to write."),
     bins: int = typer.Option(2048, "--bins", help="Bins of |x| per tensor (the signed histogram has twice as many)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Samples per inference run (default: as stored per file)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Samples per inference run (default: as many as fit in 4 MB of activations)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N samples."),
     tensors: Optional[list[str]] = typer.Option(None, "--tensors", "-t", help="Only tensors matching these globs (repeat or comma-separate)."),
     ranges_only: bool = typer.Option(False, "--ranges-only", help="Run the range pass alone and write the ranges file."),

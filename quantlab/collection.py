@@ -34,6 +34,9 @@ from quantlab.model import (
 
 Progress = Callable[[str, int, "int | None"], None]  # (stage, samples done, samples in all or None)
 BUFFER_BUDGET = 64 << 20  # bytes, over all tensors, for gathering small batches before counting them
+# Bytes of activations per inference run when the batch size is quantlab's choice: large enough that per-run costs
+# (ONNX Runtime's and the binning's) fade, small enough that a batch's activations stay in the cache while binned.
+ACTIVATION_BUDGET = 4 << 20
 MAX_BINS = 65536  # |x| bins; beyond, float32 edges over a small range are too close to be of any use
 
 
@@ -86,6 +89,11 @@ class _Runner:
         fed = {spec.name for spec in self.inputs}
         self.outputs = [name for name in self.measured if name not in fed]
 
+    def fitting_batch_size(self, sample: Batch) -> int:
+        """How many samples like this one fit in ACTIVATION_BUDGET bytes of measured activations (at least one)."""
+        per_sample = sum(values.nbytes for values in self.values(sample))
+        return max(1, ACTIVATION_BUDGET // max(per_sample, 1))
+
     def values(self, feed: Batch) -> list[np.ndarray]:
         produced = dict(zip(self.outputs, run_session(self.session, self.outputs, feed)))
         return [_as_float(feed[name] if name in feed else produced[name]) for name in self.measured]
@@ -100,10 +108,16 @@ def _open(
     limit: int | None,
     shard: tuple[int, int] | None,
 ) -> tuple[_Runner, Iterable[Batch], dict]:
-    """The session and the data of one collection run, with the data summary for the metadata."""
+    """The session and the data of one collection run, with the data summary for the metadata.
+
+    A data directory without a batch size (from the caller or the model) is fed in batches of as many samples as fit
+    in ACTIVATION_BUDGET bytes of activations, measured on its first sample: whatever size the files are.
+    """
     runner = _Runner(Path(model), tensors, threads)
     if isinstance(data, (str, Path)):
         data = CalibrationData(data, runner.inputs, batch_size=batch_size, limit=limit, shard=shard)
+        if data.batch_size is None and len(data):
+            data.batch_size = runner.fitting_batch_size(data.first_sample())
     elif shard is not None:
         raise QuantlabError("shard= needs a data directory or a CalibrationData, not an iterable of feeds")
     summary = data.summary() if isinstance(data, CalibrationData) else {"source": type(data).__name__}

@@ -81,9 +81,10 @@ class _FilePlan:
 class CalibrationData:
     """The calibration set of one model: every file checked against the model's inputs before anything runs.
 
-    Iterating yields feeds `{input name: array}` of `batch_size` samples (the last one may be smaller); with
-    `batch_size=None` each file is one feed, as stored. `limit` stops after that many samples. `shard=(i, n)` keeps
-    the i-th of n contiguous, near-equal slices of those samples (for collecting in several processes).
+    Iterating yields feeds `{input name: array}` of up to `batch_size` samples, a feed never mixing samples of
+    different shapes (a dynamic dim may vary between files); with `batch_size=None` each file is one feed, as stored.
+    `limit` stops after that many samples. `shard=(i, n)` keeps the i-th of n contiguous, near-equal slices of those
+    samples (for collecting in several processes).
     """
 
     def __init__(
@@ -198,21 +199,41 @@ class CalibrationData:
     def __len__(self) -> int:
         return self.num_samples
 
-    def __iter__(self) -> Iterator[Batch]:
-        pending: list[Batch] = []
-        pending_samples = 0
+    def first_sample(self) -> Batch:
+        """The first sample (of the shard), as a feed of one."""
+        if self.num_samples == 0:
+            raise QuantlabError("the calibration data holds no samples")
+        offset = 0
+        for plan in self._plans:
+            if self.start < offset + plan.samples:
+                index = self.start - offset
+                return {name: np.ascontiguousarray(a[index : index + 1]) for name, a in self._load(plan).items()}
+            offset += plan.samples
+        raise AssertionError("start lies within the samples")
+
+    def _files(self) -> Iterator[Batch]:
+        """The samples of each file within [start, stop), a feed per file."""
         offset = 0  # index of the first sample of the current file
         for plan in self._plans:
             begin, end = max(self.start - offset, 0), min(self.stop - offset, plan.samples)
             offset += plan.samples
-            if begin >= end:
-                if offset >= self.stop:
-                    break
-                continue
-            arrays = self._load(plan)
-            if self.batch_size is None:
-                yield {name: np.ascontiguousarray(a[begin:end]) for name, a in arrays.items()}
-                continue
+            if begin < end:
+                yield {name: a[begin:end] for name, a in self._load(plan).items()}
+            elif offset >= self.stop:
+                break
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self.batch_size is None:
+            for arrays in self._files():
+                yield {name: np.ascontiguousarray(a) for name, a in arrays.items()}
+            return
+        pending: list[Batch] = []
+        pending_samples = 0
+        for arrays in self._files():
+            if pending and _sample_shapes(arrays) != _sample_shapes(pending[0]):
+                yield _concat(pending)
+                pending, pending_samples = [], 0
+            begin, end = 0, len(next(iter(arrays.values())))
             while begin < end:
                 step = min(self.batch_size - pending_samples, end - begin)
                 pending.append({name: a[begin : begin + step] for name, a in arrays.items()})
@@ -225,8 +246,11 @@ class CalibrationData:
             yield _concat(pending)
 
 
+def _sample_shapes(feed: Batch) -> dict[str, tuple[int, ...]]:
+    return {name: a.shape[1:] for name, a in feed.items()}
+
+
 def _concat(parts: list[Batch]) -> Batch:
-    try:
-        return {name: np.ascontiguousarray(np.concatenate([p[name] for p in parts])) for name in parts[0]}
-    except ValueError:
-        raise QuantlabError("samples of different shapes cannot be batched together; leave --batch-size unset") from None
+    if len(parts) == 1:
+        return {name: np.ascontiguousarray(a) for name, a in parts[0].items()}
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}

@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 
 import quantlab
+from quantlab import collection
 from conftest import CALIB_DIR, DEMO_MODEL, run_all_float_outputs
 from models import save_multi_input_data, save_multi_input_model, save_rearranging_model
 from quantlab.errors import QuantlabError
-from quantlab.model import file_sha256
+from quantlab.data import CalibrationData
+from quantlab.model import file_sha256, input_specs, load_model
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +51,17 @@ def test_batch_size_does_not_change_the_histograms(demo_histograms, batch_size):
         assert other[name].stats() == hist.stats()
 
 
+def test_default_batches_hold_as_many_samples_as_fit_the_activation_budget(demo_histograms, demo_activations, monkeypatch):
+    # Bytes of activations per sample, the Flatten output aside (it holds its input's values, measured once).
+    per_sample = sum(v.nbytes for name, v in demo_activations.items() if "Flatten" not in name) // 320
+    for budget, expected in [(3 * per_sample + 1, 3), (per_sample // 2, 1), (100 * per_sample, 100)]:
+        monkeypatch.setattr(collection, "ACTIVATION_BUDGET", budget)
+        histograms = quantlab.collect(DEMO_MODEL, CALIB_DIR)
+        assert histograms.metadata["data"]["batch_size"] == expected
+        for name, hist in demo_histograms.items():
+            np.testing.assert_array_equal(histograms[name].counts, hist.counts)
+
+
 def test_limit_and_tensor_globs(demo_activations):
     histograms = quantlab.collect(DEMO_MODEL, CALIB_DIR, limit=50, tensors=["*Relu*"])
     assert list(histograms) == [name for name in demo_activations if "Relu" in name]
@@ -61,7 +74,8 @@ def test_limit_and_tensor_globs(demo_activations):
 def test_several_inputs_dynamic_batch_constants_and_int_side_tensors(tmp_path):
     model = save_multi_input_model(tmp_path / "multi.onnx")
     data = save_multi_input_data(tmp_path / "data")
-    histograms = quantlab.collect(model, data, bins=64)
+    as_stored = CalibrationData(data, input_specs(load_model(model)))  # a feed per file, like the reference below
+    histograms = quantlab.collect(model, as_stored, bins=64)
     # Float tensors that depend on the inputs; not the Constant weight, its Identity, nor the int64 shape.
     assert list(histograms) == ["a", "b", "sum", "proj", "act", "emb", "out", "width"]
     feeds = []
@@ -71,9 +85,9 @@ def test_several_inputs_dynamic_batch_constants_and_int_side_tensors(tmp_path):
     activations = run_all_float_outputs(model, feeds)
     assert_exact(histograms, {name: activations[name] for name in histograms}, bins=64)
     assert histograms["a"].count == 16 * 4  # 3 files of 5 samples + one single-sample file
-    rebatched = quantlab.collect(model, data, bins=64, batch_size=4)
-    for name in ("a", "b", "sum", "proj", "act", "emb", "out"):  # "width" is the batch size itself
-        np.testing.assert_array_equal(rebatched[name].counts, histograms[name].counts)
+    for rebatched in (quantlab.collect(model, data, bins=64), quantlab.collect(model, data, bins=64, batch_size=4)):
+        for name in ("a", "b", "sum", "proj", "act", "emb", "out"):  # "width" is the batch size itself
+            np.testing.assert_array_equal(rebatched[name].counts, histograms[name].counts)
 
 
 def test_rearranged_tensors_are_measured_once_and_still_exact(tmp_path):

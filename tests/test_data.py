@@ -9,7 +9,7 @@ from conftest import CALIB_DIR, DEMO_MODEL
 from models import save_multi_input_data, save_multi_input_model
 from quantlab.data import CalibrationData
 from quantlab.errors import QuantlabError
-from quantlab.model import input_specs, load_model
+from quantlab.model import InputSpec, input_specs, load_model
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +112,23 @@ def test_shards_partition_the_samples_in_order(demo_inputs, count, batch_size):
 def test_bad_shard_is_rejected(demo_inputs):
     with pytest.raises(QuantlabError, match="--shard 2/2"):
         CalibrationData(CALIB_DIR, demo_inputs, shard=(2, 2))
+
+
+def test_a_batch_never_mixes_sample_shapes(tmp_path):
+    """A dynamic dim may differ between files: batches of up to batch_size samples, of one shape each, in order."""
+    spec = InputSpec("x", ("n", 3, "t"), np.dtype(np.float32))
+    rng = np.random.default_rng(0)
+    stored = [rng.standard_normal(shape).astype(np.float32) for shape in [(4, 3, 5), (3, 3, 5), (2, 3, 7), (3, 5)]]
+    for i, array in enumerate(stored):
+        np.save(tmp_path / f"{i}.npy", array)
+    feeds = [feed["x"] for feed in CalibrationData(tmp_path, [spec], batch_size=3)]
+    assert [f.shape for f in feeds] == [(3, 3, 5), (3, 3, 5), (1, 3, 5), (2, 3, 7), (1, 3, 5)]
+    samples = [s for a in stored for s in (a if a.ndim == 3 else a[None])]
+    np.testing.assert_array_equal(np.concatenate([f.reshape(-1) for f in feeds]), np.concatenate([s.reshape(-1) for s in samples]))
+
+
+def test_first_sample_is_the_first_of_the_shard(demo_inputs):
+    data = CalibrationData(CALIB_DIR, demo_inputs, shard=(1, 3))
+    np.testing.assert_array_equal(data.first_sample()["input"], stored_samples()[data.start : data.start + 1])
+    with pytest.raises(QuantlabError, match="no samples"):
+        CalibrationData(CALIB_DIR, demo_inputs, limit=2, shard=(0, 3)).first_sample()
