@@ -20,7 +20,7 @@ class Workspace:
     """Work arrays for counting one chunk, shared by every ExactBins used from one thread (memory: ~chunk x 14 bytes
     per working dtype, whatever the number of tensors)."""
 
-    def __init__(self, chunk: int = 1 << 16) -> None:
+    def __init__(self, chunk: int = 1 << 17) -> None:
         self.chunk = chunk
         self._arrays: dict[np.dtype, tuple[np.ndarray, ...]] = {}
 
@@ -62,9 +62,12 @@ class ExactBins:
         self.work = np.dtype(np.float32 if narrow else np.float64)
         # estimate = x * scale + offset, i.e. (x - first edge) * scale + shift
         self.scale = self.work.type(bins / width)
-        # How far, in bins, the actual edges stray from an ideal uniform grid, plus the arithmetic's own worst error.
+        # How far, in bins, the actual edges stray from an ideal uniform grid, plus the arithmetic's own worst error:
+        # three roundings (x * scale, the offset, their sum) of half an ulp of at most bins/2, bins/2 + 1 and bins + 1,
+        # that is (bins + 1) * eps. Both doubled for margin; the estimate must exceed the true position by more than
+        # their sum, and stays within 2 * shift above it.
         stray = np.abs((edges - edges[0]) * self.scale - np.arange(bins + 1)).max()
-        shift = 2 * stray + 8 * (bins + 1) * np.finfo(self.work).eps
+        shift = 2 * stray + 2 * (bins + 1) * np.finfo(self.work).eps
         self.offset = self.work.type(shift - edges[0] * float(self.scale))
         self.window = self.work.type(2 * shift)
         # No usable estimate (edges far from uniform among the subnormals, or a width beyond float64): search them all.
