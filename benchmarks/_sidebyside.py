@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def measure_in_fresh_process(module: str, function: str, *args: str) -> dict:
@@ -20,6 +22,24 @@ def measure_in_fresh_process(module: str, function: str, *args: str) -> dict:
     ) % (str(Path(__file__).parent), module, function, list(args))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+def measure_interleaved(processes: int, jobs: dict[Any, tuple[str, ...]]) -> dict[Any, dict]:
+    """Each job `(module, function, *args)` measured in `processes` fresh processes, the jobs taking turns (so that a
+    slow spell of the machine hits every job alike): per job, the median seconds and peak RSS (a fresh process's
+    timing and memory layout vary by 10-30% on these machines) and the spread over all its rounds."""
+    runs: dict[Any, list[dict]] = {key: [] for key in jobs}
+    for _ in range(processes):
+        for key, job in jobs.items():
+            runs[key].append(measure_in_fresh_process(*job))
+    results = {}
+    for key, measured in runs.items():
+        result = dict(measured[0])
+        for field in ("seconds", "peak_rss_mb"):
+            result[field] = statistics.median(run[field] for run in measured)
+        result["spread"] = [min(run["spread"][0] for run in measured), max(run["spread"][1] for run in measured)]
+        results[key] = result
+    return results
 
 
 def print_comparison(results: dict[tuple[str, str], dict], sizes: list[str], versus: str, target: str = "") -> None:

@@ -2,10 +2,12 @@
 
 Each measurement runs in a fresh subprocess so its peak RSS is its own; each tool first runs once on the bundled
 calibration set (warm-up: imports, first allocations, ONNX Runtime's first runs) outside the timer, then `--rounds`
-timed runs, of which the median counts (these 2-core machines are noisy). Prints wall time, peak RSS, and the ratios:
+timed runs, of which the median counts. That in `--processes` fresh processes per tool and size, taking turns, whose
+medians count (these 2-core machines are noisy, and so is a fresh process's memory layout). Prints wall time, peak
+RSS, and the ratios:
   - time: ORT / quantlab (target >= 2x) at 1x and 10x the data,
   - memory: quantlab's peak RSS growth from 1x to 10x the data (target < 20%), next to ORT's.
-Usage: python benchmarks/collect.py [--repeat 10] [--bins 2048] [--rounds 5]
+Usage: python benchmarks/collect.py [--repeat 10] [--bins 2048] [--rounds 5] [--processes 3]
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _sidebyside import measure_in_fresh_process, print_comparison
+from _sidebyside import measure_interleaved, print_comparison
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "calib_data" / "digits_cnn.onnx"
@@ -88,15 +90,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=10, help="the large data set is this many copies of calib_data/calib")
     parser.add_argument("--bins", type=int, default=2048, help="|x| bins (signed histograms have twice as many)")
-    parser.add_argument("--rounds", type=int, default=5, help="timed runs per tool and size; the median counts")
+    parser.add_argument("--rounds", type=int, default=5, help="timed runs per process; the median counts")
+    parser.add_argument("--processes", type=int, default=3, help="fresh processes per tool and size; the median counts")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         sizes = {"1x": replicate(Path(tmp) / "x1", 1), f"{args.repeat}x": replicate(Path(tmp) / "xn", args.repeat)}
-        results = {
-            (tool, size): measure_in_fresh_process("collect", f"run_{tool}", str(path), str(args.bins), str(args.rounds))
+        jobs = {
+            (tool, size): ("collect", f"run_{tool}", str(path), str(args.bins), str(args.rounds))
             for size, path in sizes.items()
             for tool in ("quantlab", "onnxruntime")
         }
+        results = measure_interleaved(args.processes, jobs)
     print(f"model {MODEL.name}, {args.bins} |x| bins ({2 * args.bins} signed), samples: 320 x {{1, {args.repeat}}}")
     print_comparison(results, list(sizes), "ONNX Runtime's entropy calibrator", " (target >= 2x)")
     print("(target for memory: quantlab's peak RSS grows < 20% from 1x to 10x)")
