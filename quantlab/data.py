@@ -7,6 +7,8 @@ order, one at a time (memory-mapped where possible), and regrouped into batches 
 
 from __future__ import annotations
 
+import functools
+import io
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,15 +32,26 @@ class _NpyHeader:
     data_offset: int  # bytes from the start of the .npy (or of the .npz member) to the data
 
 
-def _read_npy_header(handle) -> _NpyHeader:
-    version = np.lib.format.read_magic(handle)
+@functools.lru_cache(maxsize=256)
+def _parse_npy_header(raw: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran order, dtype) from a whole .npy header, by np.lib.format's own parser."""
+    stream = io.BytesIO(raw)
+    version = np.lib.format.read_magic(stream)
     if version == (1, 0):
-        shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(handle)
-    elif version == (2, 0):
-        shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(handle)
-    else:
-        raise ValueError(f"unsupported .npy version {version}")
-    return _NpyHeader(shape, dtype, fortran_order, handle.tell())
+        return np.lib.format.read_array_header_1_0(stream)
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(stream)
+    raise ValueError(f"unsupported .npy version {version}")
+
+
+def _read_npy_header(handle) -> _NpyHeader:
+    """The header of the .npy that starts at the handle's position. Each distinct header is parsed once: parsing costs
+    more than reading a small file, and the files of a calibration set mostly share one header."""
+    start = handle.read(8)  # magic string and version
+    length = handle.read(2 if start[6:7] == b"\x01" else 4)  # a 2-byte header length in version 1, 4 bytes after
+    raw = start + length + handle.read(int.from_bytes(length, "little"))
+    shape, fortran_order, dtype = _parse_npy_header(raw)
+    return _NpyHeader(shape, dtype, fortran_order, len(raw))
 
 
 def _peek(path: Path) -> dict[str, _NpyHeader]:
@@ -58,15 +71,18 @@ def _peek(path: Path) -> dict[str, _NpyHeader]:
 
 
 def _read_npy(path: Path, header: _NpyHeader, large: bool) -> np.ndarray:
-    """The data of a .npy whose header was read at scan time: one read, without np.load's header parse (which costs
-    more than the read itself for the small files calibration sets are often made of); memory-mapped when large."""
+    """The data of a .npy whose header was read at scan time, read straight into its array: np.load would parse the
+    header again, which costs more than the read itself for the small files calibration sets are often made of.
+    Memory-mapped when large."""
     if large:
         return np.load(path, mmap_mode="r", allow_pickle=False)
-    count = int(np.prod(header.shape))
-    values = np.fromfile(path, dtype=header.dtype, count=count, offset=header.data_offset)
-    if values.size != count:
-        raise ValueError(f"file is truncated: {values.size} of {count} values")
-    return values.reshape(header.shape, order="F" if header.fortran_order else "C")
+    values = np.empty(header.shape, header.dtype, order="F" if header.fortran_order else "C")
+    with open(path, "rb", buffering=0) as handle:
+        handle.seek(header.data_offset)
+        read = handle.readinto(values.ravel(order="K").view(np.uint8))
+    if read != values.nbytes:
+        raise ValueError(f"file is truncated: {read} of {values.nbytes} data bytes")
+    return values
 
 
 @dataclass(frozen=True)

@@ -270,7 +270,7 @@ CASES = [
     C("collect-data-file-not-npy", lambda f, o: ["collect", f.model, "-d", f.text_data, "-o", o], 2, ("notes.txt", "not a .npy or .npz file"), sentinel=True),
     C("collect-npy-header-garbled", lambda f, o: ["collect", f.model, "-d", f.garbled_npy_data, "-o", o], 2, ("x.npy", "not a readable .npy file", "Cannot parse header")),
     C("collect-npz-data-damaged", lambda f, o: ["collect", f.model, "-d", f.damaged_npz_data, "-o", o], 2, ("x.npz", "not a readable .npz file", "Bad CRC-32"), sentinel=True),
-    C("collect-npy-data-truncated", lambda f, o: ["collect", f.model, "-d", f.truncated_npy_data, "-o", o], 2, ("x.npy", "not a readable .npy file", "truncated: 253 of 256 values"), sentinel=True),
+    C("collect-npy-data-truncated", lambda f, o: ["collect", f.model, "-d", f.truncated_npy_data, "-o", o], 2, ("x.npy", "not a readable .npy file", "truncated: 1014 of 1024 data bytes"), sentinel=True),
     C("collect-corrupt-npy", lambda f, o: ["collect", f.model, "-d", f.fake_npy_data, "-o", o], 2, ("x.npy", "not a readable .npy file")),
     C("collect-inference-fails", lambda f, o: ["collect", f.reshape_onnx, "-d", f.rows2_data, "-o", o], 1, ("inference failed",), sentinel=True),
     C("drift-wrong-shape", lambda f, o: ["drift", f.model, "-d", f.wrong_shape_data, "--thresholds", f.cache, "--json", o], 2, ("x.npy", "(dim 3)"), out="d.json", sentinel=True),

@@ -41,6 +41,16 @@ def test_fortran_ordered_files_read_as_their_values(tmp_path, demo_inputs):
     np.testing.assert_array_equal(np.concatenate([f["input"] for f in CalibrationData(tmp_path, demo_inputs)]), samples[:5])
 
 
+def test_version_2_headers_and_shared_headers_read_as_their_values(tmp_path, demo_inputs):
+    samples = stored_samples()[:8]
+    with open(tmp_path / "a.npy", "wb") as handle:  # a version 2.0 header (4-byte length), as for huge headers
+        np.lib.format.write_array(handle, samples[:4], version=(2, 0))
+    np.save(tmp_path / "b.npy", samples[4:8])
+    np.save(tmp_path / "c.npy", samples[4:8] + 1)  # the same header as b.npy, other data
+    feeds = [f["input"] for f in CalibrationData(tmp_path, demo_inputs)]
+    np.testing.assert_array_equal(np.concatenate(feeds), np.concatenate([samples, samples[4:8] + 1]))
+
+
 def test_large_files_are_memory_mapped_and_read_alike(demo_inputs, monkeypatch):
     monkeypatch.setattr("quantlab.data._MMAP_THRESHOLD", 0)  # every file counts as large
     feeds = list(CalibrationData(CALIB_DIR, demo_inputs))
