@@ -94,8 +94,9 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
-def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
-    """Tensor name -> ONNX element type, from the graph and ONNX shape inference."""
+def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Tensor name -> ONNX element type, from the graph and ONNX shape inference (which costs a copy of the model:
+    callers that need the types twice pass them on)."""
     try:
         inferred = onnx.shape_inference.infer_shapes(model) if model.ByteSize() < _PROTOBUF_LIMIT else model
     except Exception:  # custom ops or broken value_info: fall back to what the graph declares
@@ -106,13 +107,13 @@ def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
     return types
 
 
-def activation_tensors(model: onnx.ModelProto) -> list[str]:
+def activation_tensors(model: onnx.ModelProto, types: dict[str, int] | None = None) -> list[str]:
     """Names of the float tensors that depend on the model's inputs, in graph order: fed inputs, then node outputs.
 
     Weights are left out even where a graph computes them (Constant nodes, Cast/Reshape/DequantizeLinear of
-    initializers), as are integer side tensors (shapes, indices) and tensors of unknown type.
+    initializers), as are integer side tensors (shapes, indices) and tensors of unknown type. `types`: tensor_types.
     """
-    types = _elem_types(model)
+    types = tensor_types(model) if types is None else types
     dynamic = {spec.name for spec in input_specs(model)}
     names = [name for name in dynamic if types.get(name) in FLOAT_TYPES]
     names.sort(key=[spec.name for spec in input_specs(model)].index)
@@ -154,11 +155,11 @@ def producers(model: onnx.ModelProto) -> dict[str, str]:
     return ops
 
 
-def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+def with_outputs(model: onnx.ModelProto, names: list[str], types: dict[str, int] | None = None) -> onnx.ModelProto:
     """A copy of the model whose graph outputs also include `names` (graph inputs are skipped: they are fed)."""
     exposed = onnx.ModelProto()
     exposed.CopyFrom(model)
-    types = _elem_types(model)
+    types = tensor_types(model) if types is None else types
     fed = {spec.name for spec in input_specs(model)}
     present = {output.name for output in exposed.graph.output}
     for name in names:

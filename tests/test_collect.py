@@ -62,6 +62,18 @@ def test_default_batches_hold_as_many_samples_as_fit_the_activation_budget(demo_
             np.testing.assert_array_equal(histograms[name].counts, hist.counts)
 
 
+@pytest.mark.parametrize("batch_size, runs", [(50, 7 + 6), (320, 1)])
+def test_histogram_pass_reuses_the_range_pass_last_batch(demo_histograms, monkeypatch, batch_size, runs):
+    calls = []
+    real_run = collection.run_session
+    monkeypatch.setattr(collection, "run_session", lambda *args: calls.append(1) or real_run(*args))
+    histograms = quantlab.collect(DEMO_MODEL, CALIB_DIR, batch_size=batch_size)  # 50: 6 batches of 50 samples, then 20
+    assert len(calls) == runs
+    for name, hist in demo_histograms.items():
+        np.testing.assert_array_equal(histograms[name].counts, hist.counts)
+        assert histograms[name].stats() == hist.stats()
+
+
 def test_limit_and_tensor_globs(demo_activations):
     histograms = quantlab.collect(DEMO_MODEL, CALIB_DIR, limit=50, tensors=["*Relu*"])
     assert list(histograms) == [name for name in demo_activations if "Relu" in name]
