@@ -1,13 +1,13 @@
 """quantlab collect vs ONNX Runtime's entropy calibrator (create_calibrator + collect_data), same model and data.
 
-Each measurement runs in a fresh subprocess so its peak RSS is its own; each tool first runs once on the bundled
-calibration set (warm-up: imports, first allocations, ONNX Runtime's first runs) outside the timer, then `--rounds`
-timed runs, of which the median counts. That in `--processes` fresh processes per tool and size, taking turns, whose
-medians count (these 2-core machines are noisy, and so is a fresh process's memory layout). Prints wall time, peak
-RSS, and the ratios:
+Each measurement runs in a fresh subprocess so its peak RSS is its own; each tool first runs `--warmup` times on the
+same data outside the timer (imports, first allocations, ONNX Runtime's first runs: both tools take about three runs
+to settle), then `--rounds` timed runs, of which the median counts. That in `--processes` fresh processes per tool
+and size, taking turns, whose medians count (these 2-core machines are noisy, and so is a fresh process's memory
+layout). Prints wall time, peak RSS, and the ratios:
   - time: ORT / quantlab (target >= 2x) at 1x and 10x the data,
   - memory: quantlab's peak RSS growth from 1x to 10x the data (target < 20%), next to ORT's.
-Usage: python benchmarks/collect.py [--repeat 10] [--bins 2048] [--rounds 5] [--processes 3]
+Usage: python benchmarks/collect.py [--repeat 10] [--bins 2048] [--rounds 15] [--warmup 3] [--processes 3]
 """
 
 from __future__ import annotations
@@ -35,15 +35,16 @@ def replicate(directory: Path, times: int) -> Path:
     return directory
 
 
-def median_of_rounds(run, rounds: int) -> dict:
-    """`run()` once untimed (warm-up), then `rounds` times; the median time and the tensor count."""
-    run()
+def median_of_rounds(run, rounds: int, warmup: int) -> dict:
+    """`run()` `warmup` times untimed, then `rounds` times; the median time and the tensor count."""
+    for _ in range(warmup):
+        run()
     results = [run() for _ in range(rounds)]
     seconds = [r["seconds"] for r in results]
     return {"seconds": statistics.median(seconds), "spread": [min(seconds), max(seconds)], "tensors": results[0]["tensors"]}
 
 
-def run_quantlab(data: str, bins: str, rounds: str = "1") -> dict:
+def run_quantlab(data: str, bins: str, rounds: str = "1", warmup: str = "1") -> dict:
     import quantlab
 
     data, bins = Path(data), int(bins)
@@ -53,12 +54,12 @@ def run_quantlab(data: str, bins: str, rounds: str = "1") -> dict:
         histograms = quantlab.collect(MODEL, data, bins=bins)
         return {"seconds": time.perf_counter() - start, "tensors": len(histograms)}
 
-    return median_of_rounds(once, int(rounds))
+    return median_of_rounds(once, int(rounds), int(warmup))
 
 
-def run_onnxruntime(data: str, bins: str, rounds: str = "1") -> dict:
+def run_onnxruntime(data: str, bins: str, rounds: str = "1", warmup: str = "1") -> dict:
     data, bins = Path(data), int(bins)
-    return median_of_rounds(lambda: onnxruntime_once(data, bins), int(rounds))
+    return median_of_rounds(lambda: onnxruntime_once(data, bins), int(rounds), int(warmup))
 
 
 def onnxruntime_once(data: Path, bins: int) -> dict:
@@ -90,13 +91,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=10, help="the large data set is this many copies of calib_data/calib")
     parser.add_argument("--bins", type=int, default=2048, help="|x| bins (signed histograms have twice as many)")
-    parser.add_argument("--rounds", type=int, default=5, help="timed runs per process; the median counts")
+    parser.add_argument("--rounds", type=int, default=15, help="timed runs per process; the median counts")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed runs per process before the timed ones")
     parser.add_argument("--processes", type=int, default=3, help="fresh processes per tool and size; the median counts")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         sizes = {"1x": replicate(Path(tmp) / "x1", 1), f"{args.repeat}x": replicate(Path(tmp) / "xn", args.repeat)}
         jobs = {
-            (tool, size): ("collect", f"run_{tool}", str(path), str(args.bins), str(args.rounds))
+            (tool, size): ("collect", f"run_{tool}", str(path), str(args.bins), str(args.rounds), str(args.warmup))
             for size, path in sizes.items()
             for tool in ("quantlab", "onnxruntime")
         }

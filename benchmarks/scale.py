@@ -147,7 +147,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         conv = build_model(Path(tmp) / "conv.onnx")
         conv_data = build_data(Path(tmp) / "conv_data", args.samples, (3, 64, 64), per_file=16)
-        compare("conv net, 5 convs x 48 channels on 3x64x64, batches of 16", conv, conv_data, args.samples, args.workers, args.ray)
+        compare("conv net, 5 convs x 48 channels on 3x64x64, batches of 16", conv, conv_data, args.samples, args.workers, args.ray, batch_size=16)
         mlp = build_mlp(Path(tmp) / "mlp.onnx")
         mlp_data = build_data(Path(tmp) / "mlp_data", args.sequential_samples, (128,), per_file=1000)
         compare("24-layer MLP (width 128), one sample per run", mlp, mlp_data, args.sequential_samples, args.workers, args.ray, batch_size=1)

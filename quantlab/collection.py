@@ -36,6 +36,7 @@ from quantlab.model import (
 
 Progress = Callable[[str, int, "int | None"], None]  # (stage, samples done, samples in all or None)
 BUFFER_BUDGET = 64 << 20  # bytes, over all tensors, for gathering small batches before counting them
+GATHERED = 1 << 16  # values of a tensor gathered from small batches: enough that a count's per-call cost fades
 # Bytes of activations per inference run when the batch size is quantlab's choice: large enough that per-run costs
 # (ONNX Runtime's and the binning's) fade, small enough that a batch's activations stay in the cache while binned.
 ACTIVATION_BUDGET = 4 << 20
@@ -65,9 +66,9 @@ def _as_float(values: np.ndarray) -> np.ndarray:
     return flat if flat.dtype in (np.float32, np.float64) else flat.astype(np.float32)
 
 
-def _buffer_size(tensors: int, itemsize: int, workspace: Workspace) -> int:
-    """Per-tensor buffer for small batches: up to one chunk, within BUFFER_BUDGET bytes over all tensors."""
-    return int(min(workspace.chunk, BUFFER_BUDGET // max(tensors * itemsize, 1)))
+def _buffer_size(tensors: int, itemsize: int) -> int:
+    """Per-tensor buffer for small batches: GATHERED values, within BUFFER_BUDGET bytes over all tensors."""
+    return int(min(GATHERED, BUFFER_BUDGET // max(tensors * itemsize, 1)))
 
 
 class _Runner:
@@ -194,7 +195,7 @@ def collect(
         ranges = _check_ranges(ranges, runner, Path(model))
         seen = TensorRanges(runner.measured)
     workspace = Workspace()
-    buffer = _buffer_size(len(runner.measured), 8, workspace)
+    buffer = _buffer_size(len(runner.measured), 8)
     binners = [
         ExactBins(ranges.amax(i), 2 * bins, ranges.dtypes[i], buffer, workspace) for i in range(len(runner.measured))
     ]
