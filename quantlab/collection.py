@@ -40,6 +40,9 @@ GATHERED = 1 << 16  # values of a tensor gathered from small batches: enough tha
 # Bytes of activations per inference run when the batch size is quantlab's choice: large enough that per-run costs
 # (ONNX Runtime's and the binning's) fade, small enough that a batch's activations stay in the cache while binned.
 ACTIVATION_BUDGET = 4 << 20
+# ... unless the whole data set's activations fit in this many bytes: then it is one batch, which runs only once (the
+# histogram pass bins the range pass's last batch without running it again), and that saves more than the cache costs.
+ONE_BATCH_BUDGET = 16 << 20
 MAX_BINS = 65536  # |x| bins; beyond, float32 edges over a small range are too close to be of any use
 
 
@@ -93,10 +96,13 @@ class _Runner:
         fed = {spec.name for spec in self.inputs}
         self.outputs = [name for name in self.measured if name not in fed]
 
-    def fitting_batch_size(self, sample: Batch) -> int:
-        """How many samples like this one fit in ACTIVATION_BUDGET bytes of measured activations (at least one)."""
-        per_sample = sum(values.nbytes for values in self.values(sample))
-        return max(1, ACTIVATION_BUDGET // max(per_sample, 1))
+    def fitting_batch_size(self, sample: Batch, samples: int) -> int:
+        """Samples per run for `samples` samples like this one: all of them if their activations (those measured) fit
+        in ONE_BATCH_BUDGET bytes, else as many as fit in ACTIVATION_BUDGET bytes (at least one)."""
+        per_sample = max(sum(values.nbytes for values in self.values(sample)), 1)
+        if per_sample * samples <= ONE_BATCH_BUDGET:
+            return samples
+        return max(1, ACTIVATION_BUDGET // per_sample)
 
     def values(self, feed: Batch) -> list[np.ndarray]:
         produced = dict(zip(self.outputs, run_session(self.session, self.outputs, feed)))
@@ -114,14 +120,14 @@ def _open(
 ) -> tuple[_Runner, Iterable[Batch], dict]:
     """The session and the data of one collection run, with the data summary for the metadata.
 
-    A data directory without a batch size (from the caller or the model) is fed in batches of as many samples as fit
-    in ACTIVATION_BUDGET bytes of activations, measured on its first sample: whatever size the files are.
+    A data directory without a batch size (from the caller or the model) is fed in batches sized by its activations,
+    measured on its first sample (`fitting_batch_size`), whatever size the files are.
     """
     runner = _Runner(Path(model), tensors, threads)
     if isinstance(data, (str, Path)):
         data = CalibrationData(data, runner.inputs, batch_size=batch_size, limit=limit, shard=shard)
         if data.batch_size is None and len(data):
-            data.batch_size = runner.fitting_batch_size(data.first_sample())
+            data.batch_size = runner.fitting_batch_size(data.first_sample(), len(data))
     elif shard is not None:
         raise QuantlabError("shard= needs a data directory or a CalibrationData, not an iterable of feeds")
     summary = data.summary() if isinstance(data, CalibrationData) else {"source": type(data).__name__}

@@ -51,11 +51,18 @@ def test_batch_size_does_not_change_the_histograms(demo_histograms, batch_size):
         assert other[name].stats() == hist.stats()
 
 
-def test_default_batches_hold_as_many_samples_as_fit_the_activation_budget(demo_histograms, demo_activations, monkeypatch):
+def test_default_batches_are_sized_by_the_activations(demo_histograms, demo_activations, monkeypatch):
     # Bytes of activations per sample, the Flatten output aside (it holds its input's values, measured once).
     per_sample = sum(v.nbytes for name, v in demo_activations.items() if "Flatten" not in name) // 320
-    for budget, expected in [(3 * per_sample + 1, 3), (per_sample // 2, 1), (100 * per_sample, 100)]:
-        monkeypatch.setattr(collection, "ACTIVATION_BUDGET", budget)
+    cases = [  # (whole data set's budget, per batch budget) -> samples per batch
+        ((320 * per_sample + 320, 0), 320),  # the whole set fits: one batch
+        ((320 * per_sample - 320, 3 * per_sample + 1), 3),
+        ((0, per_sample // 2), 1),
+        ((0, 100 * per_sample), 100),
+    ]
+    for (one_batch, per_batch), expected in cases:
+        monkeypatch.setattr(collection, "ONE_BATCH_BUDGET", one_batch)
+        monkeypatch.setattr(collection, "ACTIVATION_BUDGET", per_batch)
         histograms = quantlab.collect(DEMO_MODEL, CALIB_DIR)
         assert histograms.metadata["data"]["batch_size"] == expected
         for name, hist in demo_histograms.items():
