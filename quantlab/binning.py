@@ -79,6 +79,21 @@ class ExactBins:
             estimate = self._estimate(zero)
             self.zero_settled = bool(estimate[0] == self._settle(zero, estimate)[0])
 
+    def rectifiable(self) -> bool:
+        """Whether an edge is exactly 0, so that the bins below it hold exactly the negative values."""
+        zero = int(np.searchsorted(self.edges, 0))
+        return zero < self.bins and self.edges[zero] == 0
+
+    def rectified(self) -> tuple[np.ndarray, int]:
+        """Counts and zero count of max(x, 0) over the values counted (a Relu of them), binned over the same edges:
+        the negative values become zeros. Exact only where `rectifiable()`, after `flush()`."""
+        zero = int(np.searchsorted(self.edges, 0))
+        counts = self.counts.copy()
+        negatives = int(counts[:zero].sum())
+        counts[:zero] = 0
+        counts[zero] += negatives
+        return counts, self.zeros + negatives
+
     def add(self, values: np.ndarray) -> None:
         """Count one batch of finite values within the range."""
         if values.size >= SMALL_BATCH or values.size >= self.buffer.size:

@@ -28,6 +28,7 @@ from quantlab.model import (
     file_sha256,
     input_specs,
     load_model,
+    relu_inputs,
     run_session,
     tensor_types,
     value_sources,
@@ -92,6 +93,14 @@ class _Runner:
         sources = value_sources(self.model, names)
         self.measured = list(dict.fromkeys(sources[name] for name in self.names))
         self.measured_index = [self.measured.index(sources[name]) for name in self.names]
+        # measured Relu output -> where its input's values are measured, when that input is not a Relu output itself
+        index = {name: k for k, name in enumerate(self.measured)}
+        relus = relu_inputs(self.model)
+        self.relu_of = {
+            index[out]: index[sources[given]]
+            for out, given in relus.items()
+            if out in index and sources.get(given) in index and sources[given] not in relus
+        }
         self.session = create_session(with_outputs(self.model, self.measured, types), threads=threads)
         fed = {spec.name for spec in self.inputs}
         self.outputs = [name for name in self.measured if name not in fed]
@@ -202,9 +211,21 @@ def collect(
         seen = TensorRanges(runner.measured)
     workspace = Workspace()
     buffer = _buffer_size(len(runner.measured), 8)
-    binners = [
+    binners: list[ExactBins | None] = [
         ExactBins(ranges.amax(i), 2 * bins, ranges.dtypes[i], buffer, workspace) for i in range(len(runner.measured))
     ]
+    # A Relu output with its input's range has its input's edges and counts, the negative ones moved to the bin of 0:
+    # derived after the pass rather than binned (in a CNN, the Relu outputs hold half the values).
+    rectified = {
+        j: i
+        for j, i in runner.relu_of.items()
+        if ranges.dtypes[j] == ranges.dtypes[i]
+        and ranges.amax(j) == ranges.amax(i)
+        and not (ranges.has_nonfinite(i) or ranges.has_nonfinite(j))
+        and binners[i].rectifiable()
+    }
+    for j in rectified:
+        binners[j] = None
 
     def add(i: int, values: np.ndarray) -> None:
         if seen is not ranges:
@@ -214,22 +235,30 @@ def collect(
                     f"tensor {runner.measured[i]!r} has values beyond the given ranges (max|x| {float(seen.amax(i)):.6g} > "
                     f"{float(ranges.amax(i)):.6g}): collect the ranges over the same data"
                 )
+        if binners[i] is None:
+            return
         if ranges.has_nonfinite(i):
             values = values[np.isfinite(values)]
         binners[i].add(values)
 
     samples = _run_pass(runner, data, "histograms", progress, add, last)
-    for binner in binners:
-        binner.flush()
     if samples == 0:
         raise QuantlabError("the calibration data holds no samples")
+    counted = {}
+    for i, binner in enumerate(binners):
+        if binner is not None:
+            binner.flush()
+            counted[i] = (binner.counts, binner.zeros, binner.edges)
+    for j, i in rectified.items():
+        counted[j] = (*binners[i].rectified(), binners[i].edges)
     histograms = {
-        name: Histogram(binners[i].counts.copy(), binners[i].edges, zero_count=binners[i].zeros, **seen.stats(i))
+        name: Histogram(counted[i][0].copy(), counted[i][2], zero_count=counted[i][1], **seen.stats(i))
         for name, i in zip(runner.names, runner.measured_index)
     }
     metadata = {
         "bins": bins,
         "collection": "exact: range pass then histogram pass over [-max|x|, +max|x|], signed, 2*bins bins",
+        "binned_tensors": len(runner.measured) - len(rectified),  # the others: Relu outputs, from their input's counts
         "ranges_digest": ranges.digest(),
         **_metadata(Path(model), runner, summary, samples, started),
     }

@@ -147,6 +147,15 @@ def value_sources(model: onnx.ModelProto, names: list[str]) -> dict[str, str]:
     return source
 
 
+def relu_inputs(model: onnx.ModelProto) -> dict[str, str]:
+    """Relu output -> its input: a Relu's values are its input's values with the negative ones made zero."""
+    return {
+        node.output[0]: node.input[0]
+        for node in model.graph.node
+        if node.op_type == "Relu" and node.domain in ("", "ai.onnx") and node.input and node.output
+    }
+
+
 def producers(model: onnx.ModelProto) -> dict[str, str]:
     """Tensor name -> op type of the node that produces it ("Input" for graph inputs)."""
     ops = {spec.name: "Input" for spec in input_specs(model)}

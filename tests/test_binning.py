@@ -108,3 +108,24 @@ def test_any_float32_range_and_bin_count(amax: float, bins: int, seed: int) -> N
     np.testing.assert_array_equal(binner.counts, by_edges(values, edges))
     if np_histogram_keeps_its_rule(binner, amax):
         np.testing.assert_array_equal(binner.counts, histogram_of(values, bins, (-amax, amax))[0])
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("amax", [1.0, 3.7, 6.1e5, 1e-30])
+@pytest.mark.parametrize("bins", [2, 3, 10, 4096, 2000, 4097])
+def test_rectified_counts_are_those_of_the_relu_of_the_values(dtype: type, amax: float, bins: int) -> None:
+    """With an edge exactly at 0, max(x, 0) binned over the same edges is the counts with the negative bins moved to
+    the bin of 0; without one (odd bin counts), rectifiable() says so."""
+    amax = dtype(amax)
+    values = edge_values(amax, bins, dtype, np.random.default_rng(bins))
+    binner = count(values, amax, bins)
+    edges = histogram_of(np.empty(0, dtype), bins, (-amax, amax))[1]
+    assert binner.rectifiable() == bool(np.any(edges == 0))
+    if not binner.rectifiable():
+        assert bins % 2 == 1
+        return
+    relu = np.maximum(values, dtype(0))
+    counts, zeros = binner.rectified()
+    np.testing.assert_array_equal(counts, by_edges(relu, edges))
+    assert zeros == np.count_nonzero(relu == 0)

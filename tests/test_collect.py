@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 
 import quantlab
@@ -81,6 +82,14 @@ def test_histogram_pass_reuses_the_range_pass_last_batch(demo_histograms, monkey
         assert histograms[name].stats() == hist.stats()
 
 
+def test_relu_outputs_with_their_input_range_are_derived_not_binned(demo_histograms, demo_activations):
+    model = onnx.load(DEMO_MODEL)
+    relus = [(node.output[0], node.input[0]) for node in model.graph.node if node.op_type == "Relu"]
+    same_range = [y for y, x in relus if np.abs(demo_activations[y]).max() == np.abs(demo_activations[x]).max()]
+    assert 0 < len(same_range) < len(relus)  # both kinds occur in the demo model, and both are exact (test above)
+    assert demo_histograms.metadata["binned_tensors"] == demo_histograms.metadata["measured_tensors"] - len(same_range)
+
+
 def test_limit_and_tensor_globs(demo_activations):
     histograms = quantlab.collect(DEMO_MODEL, CALIB_DIR, limit=50, tensors=["*Relu*"])
     assert list(histograms) == [name for name in demo_activations if "Relu" in name]
@@ -137,7 +146,8 @@ def test_nan_and_inf_inputs_are_counted_and_left_out(tmp_path):
     histograms = quantlab.collect(DEMO_MODEL, data)
     assert histograms["input"].nan_count == 1 and histograms["input"].inf_count == 2
     values = run_all_float_outputs(DEMO_MODEL, [{"input": batch}])
-    assert_exact({"input": histograms["input"]}, {"input": values["input"]})
+    assert_exact(histograms, values)  # downstream tensors hold NaN too: their Relu outputs are binned, not derived
+    assert histograms.metadata["binned_tensors"] == histograms.metadata["measured_tensors"]
 
 
 def test_histogram_file_round_trip_and_merge(demo_histograms, tmp_path):
