@@ -211,21 +211,23 @@ def collect(
         seen = TensorRanges(runner.measured)
     workspace = Workspace()
     buffer = _buffer_size(len(runner.measured), 8)
-    binners: list[ExactBins | None] = [
-        ExactBins(ranges.amax(i), 2 * bins, ranges.dtypes[i], buffer, workspace) for i in range(len(runner.measured))
-    ]
     # A Relu output with its input's range has its input's edges and counts, the negative ones moved to the bin of 0:
     # derived after the pass rather than binned (in a CNN, the Relu outputs hold half the values).
-    rectified = {
-        j: i
-        for j, i in runner.relu_of.items()
-        if ranges.dtypes[j] == ranges.dtypes[i]
-        and ranges.amax(j) == ranges.amax(i)
-        and not (ranges.has_nonfinite(i) or ranges.has_nonfinite(j))
-        and binners[i].rectifiable()
-    }
-    for j in rectified:
-        binners[j] = None
+    binners: list[ExactBins | None] = []
+    rectified: dict[int, int] = {}
+    for j in range(len(runner.measured)):
+        i = runner.relu_of.get(j, j)
+        if (
+            i < j  # the input's binner exists (graph order)
+            and ranges.dtypes[j] == ranges.dtypes[i]
+            and ranges.amax(j) == ranges.amax(i)
+            and not (ranges.has_nonfinite(i) or ranges.has_nonfinite(j))
+            and binners[i].rectifiable()
+        ):
+            rectified[j] = i
+            binners.append(None)
+        else:
+            binners.append(ExactBins(ranges.amax(j), 2 * bins, ranges.dtypes[j], buffer, workspace))
 
     def add(i: int, values: np.ndarray) -> None:
         if seen is not ranges:

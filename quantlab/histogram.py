@@ -51,9 +51,9 @@ class Histogram:
             raise QuantlabError("histogram edges must be finite and strictly ascending")
         if not np.issubdtype(counts.dtype, np.number) or np.issubdtype(counts.dtype, np.complexfloating):
             raise QuantlabError(f"histogram counts must be real numbers, got dtype {counts.dtype}")
-        if not np.all(np.isfinite(counts)):
+        if counts.dtype.kind == "f" and not np.all(np.isfinite(counts)):
             raise QuantlabError("histogram counts contain NaN or Inf")
-        if np.any(counts < 0):
+        if counts.min() < 0:
             raise QuantlabError("histogram counts contain negative values")
         self.counts = counts
         self.edges = edges
