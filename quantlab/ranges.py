@@ -19,6 +19,7 @@ from quantlab.npzfile import read_npz, write_npz
 
 FORMAT_NAME = "quantlab-ranges"
 FORMAT_VERSION = 2  # 2: no zero counts (the histogram pass counts zeros)
+GROUPED = 4096  # values: a tensor this small is reduced together with the batch's other small tensors
 
 
 class TensorRanges:
@@ -39,21 +40,51 @@ class TensorRanges:
         self.nans = np.zeros(size, np.int64)
         self.infs = np.zeros(size, np.int64)
 
-    def update(self, i: int, values: np.ndarray) -> None:
-        """Add one batch of tensor i's values (flat, float)."""
+    def update(self, i: int, values: np.ndarray) -> float:
+        """Add one batch of tensor i's values (flat, float); returns the batch's max|x| (0 without finite values)."""
         self.dtypes[i] = self.dtypes[i] or values.dtype
         if values.size == 0:
-            return
+            return 0.0
         low, high = values.min(), values.max()
         if not (np.isfinite(low) and np.isfinite(high)):
             self.nans[i] += np.count_nonzero(np.isnan(values))
             self.infs[i] += np.count_nonzero(np.isinf(values))
             values = values[np.isfinite(values)]
             if values.size == 0:
-                return
+                return 0.0
             low, high = values.min(), values.max()
         self._extend(i, low, high)
         self.count[i] += values.size
+        return float(max(-low, high))
+
+    def update_batch(self, batch: list[np.ndarray]) -> np.ndarray:
+        """Add one batch of every tensor (flat, float, in `names` order); returns each tensor's max|x| in the batch.
+
+        Small tensors of one dtype are reduced together in a few NumPy calls, since calling min and max per tensor
+        would cost more than the reductions themselves (a model run one sample at a time has hundreds of small tensors
+        per run)."""
+        amax = np.zeros(len(batch))
+        groups: dict[np.dtype, list[int]] = {}
+        for i, values in enumerate(batch):
+            if 0 < values.size <= GROUPED:
+                groups.setdefault(values.dtype, []).append(i)
+            else:
+                amax[i] = self.update(i, values)
+        for members in groups.values():
+            sizes = [batch[i].size for i in members]
+            starts = np.cumsum([0, *sizes[:-1]])
+            joined = np.concatenate([batch[i] for i in members])
+            lows, highs = np.minimum.reduceat(joined, starts), np.maximum.reduceat(joined, starts)
+            finite = np.isfinite(lows) & np.isfinite(highs)
+            amax[members] = np.where(finite, np.maximum(-lows, highs), 0)
+            for k, i in enumerate(members):
+                if finite[k]:
+                    self.dtypes[i] = self.dtypes[i] or batch[i].dtype
+                    self._extend(i, lows[k], highs[k])
+                    self.count[i] += sizes[k]
+                else:  # NaN or Inf: counted one by one
+                    amax[i] = self.update(i, batch[i])
+        return amax
 
     def _extend(self, i: int, low: np.generic, high: np.generic) -> None:
         self.low[i] = low if self.low[i] is None else min(self.low[i], low)
