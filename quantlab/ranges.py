@@ -25,8 +25,9 @@ GROUPED = 4096  # values: a tensor this small is reduced together with the batch
 class TensorRanges:
     """Running min, max and counts (values, NaN, Inf) of each tensor's values, finite values only for min/max.
 
-    min and max are kept as scalars of the tensor's own dtype, so that the histogram edges built from them are the
-    ones np.histogram computes for that data.
+    min and max are kept in float64, which holds every float32 and float64 value exactly; `amax` gives max|x| back as
+    a scalar of the tensor's own dtype, so that the histogram edges built from it are the ones np.histogram computes
+    for that data. A tensor without finite values has count 0 (and min +inf, max -inf).
     """
 
     def __init__(self, names: list[str], metadata: dict[str, Any] | None = None) -> None:
@@ -34,8 +35,8 @@ class TensorRanges:
         self.names = list(names)
         self.metadata = dict(metadata or {})
         self.dtypes: list[np.dtype | None] = [None] * size
-        self.low: list[np.generic | None] = [None] * size
-        self.high: list[np.generic | None] = [None] * size
+        self.low = np.full(size, np.inf)
+        self.high = np.full(size, -np.inf)
         self.count = np.zeros(size, np.int64)
         self.nans = np.zeros(size, np.int64)
         self.infs = np.zeros(size, np.int64)
@@ -53,7 +54,8 @@ class TensorRanges:
             if values.size == 0:
                 return 0.0
             low, high = values.min(), values.max()
-        self._extend(i, low, high)
+        self.low[i] = min(self.low[i], low)
+        self.high[i] = max(self.high[i], high)
         self.count[i] += values.size
         return float(max(-low, high))
 
@@ -68,33 +70,29 @@ class TensorRanges:
         for i, values in enumerate(batch):
             if 0 < values.size <= GROUPED:
                 groups.setdefault(values.dtype, []).append(i)
+                self.dtypes[i] = self.dtypes[i] or values.dtype
             else:
                 amax[i] = self.update(i, values)
         for members in groups.values():
-            sizes = [batch[i].size for i in members]
-            starts = np.cumsum([0, *sizes[:-1]])
+            sizes = np.array([batch[i].size for i in members])
             joined = np.concatenate([batch[i] for i in members])
+            starts = np.cumsum(sizes) - sizes
             lows, highs = np.minimum.reduceat(joined, starts), np.maximum.reduceat(joined, starts)
             finite = np.isfinite(lows) & np.isfinite(highs)
-            amax[members] = np.where(finite, np.maximum(-lows, highs), 0)
-            for k, i in enumerate(members):
-                if finite[k]:
-                    self.dtypes[i] = self.dtypes[i] or batch[i].dtype
-                    self._extend(i, lows[k], highs[k])
-                    self.count[i] += sizes[k]
-                else:  # NaN or Inf: counted one by one
-                    amax[i] = self.update(i, batch[i])
+            index = np.array(members)
+            taken = index[finite]
+            self.low[taken] = np.minimum(self.low[taken], lows[finite])
+            self.high[taken] = np.maximum(self.high[taken], highs[finite])
+            self.count[taken] += sizes[finite]
+            amax[taken] = np.maximum(-lows[finite], highs[finite])
+            for i in index[~finite]:  # NaN or Inf: counted one by one
+                amax[i] = self.update(int(i), batch[i])
         return amax
-
-    def _extend(self, i: int, low: np.generic, high: np.generic) -> None:
-        self.low[i] = low if self.low[i] is None else min(self.low[i], low)
-        self.high[i] = high if self.high[i] is None else max(self.high[i], high)
 
     def amax(self, i: int) -> np.generic:
         """max|x| of tensor i as a scalar of its dtype (0 when it had no finite value)."""
-        if self.low[i] is None:
-            return (self.dtypes[i] or np.dtype(np.float32)).type(0)
-        return max(abs(self.low[i]), abs(self.high[i]))
+        dtype = self.dtypes[i] or np.dtype(np.float32)
+        return dtype.type(max(abs(self.low[i]), abs(self.high[i])) if self.count[i] else 0)  # abs: never -0.0
 
     def digest(self) -> str:
         """A fingerprint of the binning ranges: histogram parts merge exactly only when theirs are equal."""
@@ -107,8 +105,8 @@ class TensorRanges:
     def stats(self, i: int) -> dict[str, Any]:
         """Keyword arguments for Histogram: min, max and the counts of tensor i."""
         return {
-            "min": None if self.low[i] is None else float(self.low[i]),
-            "max": None if self.high[i] is None else float(self.high[i]),
+            "min": float(self.low[i]) if self.count[i] else None,
+            "max": float(self.high[i]) if self.count[i] else None,
             "count": int(self.count[i]),
             "nan_count": int(self.nans[i]),
             "inf_count": int(self.infs[i]),
@@ -124,10 +122,9 @@ class TensorRanges:
         for part in parts:
             if part.names != merged.names:
                 raise QuantlabError("cannot merge ranges of different tensors (another model or --tensors filter?)")
-            for i in range(len(merged.names)):
-                merged.dtypes[i] = merged.dtypes[i] or part.dtypes[i]
-                if part.low[i] is not None:
-                    merged._extend(i, part.low[i], part.high[i])
+            merged.dtypes = [mine or theirs for mine, theirs in zip(merged.dtypes, part.dtypes)]
+            merged.low = np.minimum(merged.low, part.low)
+            merged.high = np.maximum(merged.high, part.high)
             for counter in ("count", "nans", "infs"):
                 getattr(merged, counter)[:] += getattr(part, counter)
         samples = sum(part.metadata.get("data", {}).get("samples", 0) for part in parts)
@@ -139,8 +136,8 @@ class TensorRanges:
         arrays = {
             "names": np.array(self.names, dtype=str),
             "dtypes": np.array([str(d or "float32") for d in self.dtypes], dtype=str),
-            "min": np.array([np.nan if v is None else float(v) for v in self.low]),
-            "max": np.array([np.nan if v is None else float(v) for v in self.high]),
+            "min": np.where(self.count > 0, self.low, np.nan),
+            "max": np.where(self.count > 0, self.high, np.nan),
             "count": self.count,
             "nans": self.nans,
             "infs": self.infs,
@@ -154,13 +151,14 @@ class TensorRanges:
         try:
             names = [str(n) for n in arrays["names"]]
             ranges = cls(names, meta)
-            for i, dtype in enumerate(arrays["dtypes"]):
-                ranges.dtypes[i] = np.dtype(str(dtype))
-                if not np.isnan(arrays["min"][i]):
-                    ranges.low[i] = ranges.dtypes[i].type(arrays["min"][i])
-                    ranges.high[i] = ranges.dtypes[i].type(arrays["max"][i])
+            ranges.dtypes = [np.dtype(str(dtype)) for dtype in arrays["dtypes"]]
             for counter in ("count", "nans", "infs"):
                 getattr(ranges, counter)[:] = arrays[counter]
+            seen = ranges.count > 0
+            low, high = np.asarray(arrays["min"], np.float64)[seen], np.asarray(arrays["max"], np.float64)[seen]
+            if not (np.all(np.isfinite(low)) and np.all(np.isfinite(high)) and np.all(low <= high)):
+                raise ValueError("min/max missing where values were counted")
+            ranges.low[seen], ranges.high[seen] = low, high
         except (KeyError, ValueError, TypeError, IndexError):
             raise QuantlabError(f"{path}: ranges file is incomplete or corrupt") from None
         return ranges

@@ -54,3 +54,14 @@ def test_update_batch_equals_updating_tensor_by_tensor(seed: int, tensors: int, 
             assert stats["min"] == finite.min() and stats["max"] == finite.max()
         else:
             assert stats["min"] is None and stats["max"] is None
+
+
+def test_a_tensor_of_signed_zeros_has_max_abs_plus_zero():
+    """-0.0 and 0.0 compare equal, so min and max may keep either: max|x| must still be +0.0, or two shards of the
+    same data could fingerprint their ranges differently."""
+    for values in ([-0.0, 0.0], [0.0, -0.0], [-0.0]):
+        for update in ("update", "update_batch"):
+            ranges = TensorRanges(["t"])
+            batch = np.array(values, np.float32)
+            ranges.update(0, batch) if update == "update" else ranges.update_batch([batch])
+            assert repr(ranges.amax(0)) == repr(np.float32(0.0))
