@@ -98,8 +98,8 @@ def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
     """Tensor name -> ONNX element type, from the graph and ONNX shape inference (which costs a copy of the model:
     callers that need the types twice pass them on)."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model) if model.ByteSize() < _PROTOBUF_LIMIT else model
-    except Exception:  # custom ops or broken value_info: fall back to what the graph declares
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # custom ops, broken value_info, over protobuf's 2 GB: fall back to what the graph declares
         inferred = model
     graph = inferred.graph
     types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.value_info, *graph.output]}
@@ -196,8 +196,13 @@ def create_session(model: onnx.ModelProto, threads: int = 0):
     options.log_severity_level = ORT_LOG_SEVERITY
     providers = ["CPUExecutionProvider"]
     try:
-        if model.ByteSize() < _PROTOBUF_LIMIT:
-            return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+        serialized = model.SerializeToString()
+    except Exception:  # over protobuf's 2 GB limit
+        serialized = b""
+    try:
+        if 0 < len(serialized) < _PROTOBUF_LIMIT:
+            return ort.InferenceSession(serialized, options, providers=providers)
+        del serialized
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "model.onnx"
             onnx.save(model, str(path), save_as_external_data=True, location="weights.bin")
