@@ -228,9 +228,7 @@ def collect(
             binners.append(None)
         else:
             binners.append(ExactBins(ranges.amax(j), 2 * bins, ranges.dtypes[j], buffer, workspace))
-
     nonfinite = [ranges.has_nonfinite(i) for i in range(len(runner.measured))]
-
     limits = np.array([float(ranges.amax(i)) for i in range(len(runner.measured))])
 
     def add(batch: list[np.ndarray]) -> None:
