@@ -24,6 +24,7 @@ from quantlab.histogram import Histogram, HistogramSet
 from quantlab.ranges import TensorRanges
 from quantlab.model import (
     activation_tensors,
+    bytes_per_sample,
     create_session,
     file_sha256,
     input_specs,
@@ -32,6 +33,7 @@ from quantlab.model import (
     run_session,
     tensor_types,
     value_sources,
+    value_types,
     with_outputs,
 )
 
@@ -85,7 +87,8 @@ class _Runner:
     def __init__(self, model_path: Path, tensors: Sequence[str] | None, threads: int) -> None:
         self.model = load_model(model_path)
         self.inputs = input_specs(self.model)
-        types = tensor_types(self.model)
+        values = value_types(self.model)
+        types = tensor_types(self.model, values)
         names = activation_tensors(self.model, types)
         if not names:
             raise QuantlabError(f"{model_path}: the model has no float activation tensors to calibrate")
@@ -104,14 +107,19 @@ class _Runner:
         self.session = create_session(with_outputs(self.model, self.measured, types), threads=threads)
         fed = {spec.name for spec in self.inputs}
         self.outputs = [name for name in self.measured if name not in fed]
+        batch_dims = {spec.shape[0] for spec in self.inputs}
+        batch = batch_dims.pop() if len(batch_dims) == 1 else None
+        # bytes of measured activations per sample, from the inferred shapes where they are fixed but for the batch
+        self.sample_bytes = bytes_per_sample(values, self.measured, batch) if isinstance(batch, str) else None
 
-    def fitting_batch_size(self, sample: Batch, samples: int) -> int:
-        """Samples per run for `samples` samples like this one: all of them if their activations (those measured) fit
-        in ONE_BATCH_BUDGET bytes, else as many as fit in ACTIVATION_BUDGET bytes (at least one)."""
-        per_sample = max(sum(values.nbytes for values in self.values(sample)), 1)
-        if per_sample * samples <= ONE_BATCH_BUDGET:
-            return samples
-        return max(1, ACTIVATION_BUDGET // per_sample)
+    def fitting_batch_size(self, data: CalibrationData) -> int:
+        """Samples per run: all of the data's if their activations (those measured) fit in ONE_BATCH_BUDGET bytes,
+        else as many as fit in ACTIVATION_BUDGET bytes (at least one). Per sample, the bytes the inferred shapes
+        give, else those of a run of the first sample."""
+        per_sample = self.sample_bytes or sum(values.nbytes for values in self.values(data.first_sample()))
+        if per_sample * len(data) <= ONE_BATCH_BUDGET:
+            return len(data)
+        return max(1, ACTIVATION_BUDGET // max(per_sample, 1))
 
     def values(self, feed: Batch) -> list[np.ndarray]:
         produced = dict(zip(self.outputs, run_session(self.session, self.outputs, feed)))
@@ -129,14 +137,14 @@ def _open(
 ) -> tuple[_Runner, Iterable[Batch], dict]:
     """The session and the data of one collection run, with the data summary for the metadata.
 
-    A data directory without a batch size (from the caller or the model) is fed in batches sized by its activations,
-    measured on its first sample (`fitting_batch_size`), whatever size the files are.
+    A data directory without a batch size (from the caller or the model) is fed in batches sized by its activations
+    (`fitting_batch_size`), whatever size the files are.
     """
     runner = _Runner(Path(model), tensors, threads)
     if isinstance(data, (str, Path)):
         data = CalibrationData(data, runner.inputs, batch_size=batch_size, limit=limit, shard=shard)
         if data.batch_size is None and len(data):
-            data.batch_size = runner.fitting_batch_size(data.first_sample(), len(data))
+            data.batch_size = runner.fitting_batch_size(data)
     elif shard is not None:
         raise QuantlabError("shard= needs a data directory or a CalibrationData, not an iterable of feeds")
     summary = data.summary() if isinstance(data, CalibrationData) else {"source": type(data).__name__}

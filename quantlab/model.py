@@ -94,17 +94,37 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
-def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
-    """Tensor name -> ONNX element type, from the graph and ONNX shape inference (which costs a copy of the model:
-    callers that need the types twice pass them on)."""
+def value_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto.Tensor]:
+    """Tensor name -> type (element type and shape), as the graph declares it or ONNX shape inference finds it. The
+    inference costs a copy of the model: callers that need the types twice pass them on."""
     try:
         inferred = onnx.shape_inference.infer_shapes(model)
     except Exception:  # custom ops, broken value_info, over protobuf's 2 GB: fall back to what the graph declares
         inferred = model
     graph = inferred.graph
-    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.value_info, *graph.output]}
+    return {v.name: v.type.tensor_type for v in [*graph.input, *graph.value_info, *graph.output]}
+
+
+def tensor_types(model: onnx.ModelProto, values: dict[str, onnx.TypeProto.Tensor] | None = None) -> dict[str, int]:
+    """Tensor name -> ONNX element type: activations' from `values` (value_types), weights' from the initializers."""
+    types = {name: value.elem_type for name, value in (value_types(model) if values is None else values).items()}
     types.update({init.name: init.data_type for init in model.graph.initializer})
     return types
+
+
+def bytes_per_sample(values: dict[str, onnx.TypeProto.Tensor], names: list[str], batch: str) -> int | None:
+    """Bytes of the tensors `names` per sample (as collection holds them: float32, float64 for doubles), where each
+    one's inferred shape is the batch dim `batch` followed by fixed dims; None where any is not (a run must tell)."""
+    total = 0
+    for name in names:
+        value = values.get(name)
+        dims = list(value.shape.dim) if value is not None and value.HasField("shape") else []
+        if not dims or dims[0].HasField("dim_value") or dims[0].dim_param != batch:
+            return None
+        if not all(dim.HasField("dim_value") and dim.dim_value > 0 for dim in dims[1:]):
+            return None
+        total += int(np.prod([dim.dim_value for dim in dims[1:]])) * (8 if value.elem_type == TensorProto.DOUBLE else 4)
+    return total
 
 
 def activation_tensors(model: onnx.ModelProto, types: dict[str, int] | None = None) -> list[str]:

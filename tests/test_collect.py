@@ -70,7 +70,26 @@ def test_default_batches_are_sized_by_the_activations(demo_histograms, demo_acti
             np.testing.assert_array_equal(histograms[name].counts, hist.counts)
 
 
-@pytest.mark.parametrize("batch_size, runs", [(50, 7 + 6), (320, 1)])
+def test_bytes_per_sample_from_inferred_shapes_are_those_of_a_run(tmp_path):
+    """Where shape inference fixes every dim but the batch, batches are sized without a probe run, from the same
+    figure a run gives; where it does not (the multi-input model has a tensor of shape [2]), a run tells."""
+    rng = np.random.default_rng(3)
+    rearranging = tmp_path / "r"
+    rearranging.mkdir()
+    np.save(rearranging / "0.npy", rng.normal(size=(2, 4, 6)).astype(np.float32))
+    cases = [
+        (DEMO_MODEL, CALIB_DIR, True),
+        (save_rearranging_model(tmp_path / "r.onnx"), rearranging, True),
+        (save_multi_input_model(tmp_path / "m.onnx"), save_multi_input_data(tmp_path / "m"), False),
+    ]
+    for model, data, static in cases:
+        runner = collection._Runner(model, None, 0)
+        sample = CalibrationData(data, runner.inputs).first_sample()
+        measured = sum(values.nbytes for values in runner.values(sample))
+        assert runner.sample_bytes == (measured if static else None)
+
+
+@pytest.mark.parametrize("batch_size, runs", [(50, 7 + 6), (320, 1), (None, 1)])  # None: one batch, sized without a probe
 def test_histogram_pass_reuses_the_range_pass_last_batch(demo_histograms, monkeypatch, batch_size, runs):
     calls = []
     real_run = collection.run_session
