@@ -194,6 +194,7 @@ def collect(
     tensors: Sequence[str] | None = None,
     ranges: TensorRanges | str | Path | None = None,
     shard: tuple[int, int] | None = None,
+    shard_ranges: TensorRanges | None = None,
     threads: int = 0,
     progress: Progress | None = None,
 ) -> HistogramSet:
@@ -203,7 +204,9 @@ def collect(
     `tensors` keeps only the names matching these globs; `threads` is ONNX Runtime's intra-op thread count (0: its
     default); `progress(stage, samples, total)` is called after each batch. Without `ranges`, a range pass over the data
     comes first. With `ranges` (from `collect_ranges` over the whole data set, or its file), only the histogram pass
-    runs, here over the `shard=(i, n)` slice of the data: the parts then merge exactly (`HistogramSet.merge`).
+    runs, here over the `shard=(i, n)` slice of the data: the parts then merge exactly (`HistogramSet.merge`). The
+    shard's own statistics (min, max, counts) are measured again in that pass, unless `shard_ranges` gives them: the
+    range pass over this same shard, as `collect_parallel` has it.
     """
     check_bins(bins)
     started = time.perf_counter()
@@ -216,7 +219,8 @@ def collect(
         seen = ranges
     else:
         ranges = _check_ranges(ranges, runner, Path(model))
-        seen = TensorRanges(runner.measured)
+        seen = TensorRanges(runner.measured) if shard_ranges is None else _check_shard_ranges(shard_ranges, ranges)
+    measuring = seen is not ranges and shard_ranges is None  # the shard's statistics, and values checked in range
     workspace = Workspace()
     buffer = _buffer_size(len(runner.measured), 8)
     # A Relu output with its input's range has its input's edges and counts, the negative ones moved to the bin of 0:
@@ -240,7 +244,7 @@ def collect(
     limits = np.array([float(ranges.amax(i)) for i in range(len(runner.measured))])
 
     def add(batch: list[np.ndarray]) -> None:
-        if seen is not ranges:
+        if measuring:
             beyond = np.flatnonzero(seen.update_batch(batch) > limits)
             if beyond.size:
                 i = int(beyond[0])
@@ -274,6 +278,14 @@ def collect(
         **_metadata(Path(model), runner, summary, samples, started),
     }
     return HistogramSet(histograms, metadata)
+
+
+def _check_shard_ranges(shard_ranges: TensorRanges, ranges: TensorRanges) -> TensorRanges:
+    """A shard's own range-pass result, checked to be a part of `ranges` (the same tensors, within their ranges)."""
+    inside = all(shard_ranges.amax(i) <= ranges.amax(i) for i in range(len(ranges.names)))
+    if shard_ranges.names != ranges.names or not inside:
+        raise QuantlabError("shard_ranges are not a part of the given ranges (another model, data or --tensors filter?)")
+    return shard_ranges
 
 
 def _check_ranges(ranges: TensorRanges | str | Path, runner: _Runner, model: Path) -> TensorRanges:

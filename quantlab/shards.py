@@ -7,6 +7,7 @@ in local processes or as Ray tasks.
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import os
 import queue
@@ -36,6 +37,7 @@ class ShardJob:
     tensors: tuple[str, ...] | None = None
     threads: int = 1
     options: dict[str, Any] = field(default_factory=dict)
+    own_ranges: TensorRanges | None = None  # this shard's range pass, once run: its histogram pass need not measure again
 
     def run(self, ranges: TensorRanges | None, report: Callable[[int, str, int, int | None], None] | None) -> Any:
         """The range pass on this shard (without `ranges`), else the histogram pass over `ranges`."""
@@ -44,7 +46,7 @@ class ShardJob:
                       tensors=list(self.tensors) if self.tensors else None, progress=progress)
         if ranges is None:
             return collect_ranges(self.model, self.data, **common)
-        return collect(self.model, self.data, bins=self.bins, ranges=ranges, **common)
+        return collect(self.model, self.data, bins=self.bins, ranges=ranges, shard_ranges=self.own_ranges, **common)
 
 
 _updates = None  # the progress queue of a local worker process, set by its initializer
@@ -102,7 +104,9 @@ def collect_parallel(
     jobs = shard_jobs(model, data, workers, bins=bins, batch_size=batch_size, limit=limit, tensors=tensors)
     executor = _RayExecutor(ray_address) if use_ray else _ProcessExecutor(workers)
     with executor:
-        ranges = TensorRanges.merge(executor.run(jobs, None, progress))
+        parts = executor.run(jobs, None, progress)
+        ranges = TensorRanges.merge(parts)
+        jobs = [dataclasses.replace(job, own_ranges=part) for job, part in zip(jobs, parts)]
         merged = HistogramSet.merge(executor.run(jobs, ranges, progress))
     merged.metadata["workers"] = workers
     merged.metadata["executor"] = "ray" if use_ray else "processes"

@@ -7,6 +7,7 @@ import pytest
 
 import quantlab
 from conftest import CALIB_DIR, DEMO_MODEL
+from quantlab.errors import QuantlabError
 from quantlab.shards import collect_parallel
 from test_cli import assert_one_line_error, run
 
@@ -28,6 +29,21 @@ def test_local_workers_give_the_single_process_histograms(reference):
     merged = collect_parallel(DEMO_MODEL, CALIB_DIR, 2, limit=200, batch_size=24)
     assert_same(merged, reference)
     assert merged.metadata["data"]["shards"] == [(0, 2), (1, 2)] and merged.metadata["executor"] == "processes"
+
+
+def test_a_shards_own_ranges_give_its_statistics_without_measuring_again(reference):
+    ranges = quantlab.collect_ranges(DEMO_MODEL, CALIB_DIR, limit=200)
+    parts = []
+    for index in range(3):
+        own = quantlab.collect_ranges(DEMO_MODEL, CALIB_DIR, limit=200, shard=(index, 3))
+        given = quantlab.collect(DEMO_MODEL, CALIB_DIR, limit=200, ranges=ranges, shard=(index, 3), shard_ranges=own)
+        measured = quantlab.collect(DEMO_MODEL, CALIB_DIR, limit=200, ranges=ranges, shard=(index, 3))
+        assert_same(given, measured)
+        parts.append(given)
+    assert_same(quantlab.HistogramSet.merge(parts), reference)
+    other = quantlab.collect_ranges(DEMO_MODEL, CALIB_DIR, limit=200, tensors=["*Relu*"])
+    with pytest.raises(QuantlabError, match="not a part of the given ranges"):
+        quantlab.collect(DEMO_MODEL, CALIB_DIR, limit=200, ranges=ranges, shard=(0, 3), shard_ranges=other)
 
 
 def test_cli_ranges_shards_and_merge(reference, tmp_path):
