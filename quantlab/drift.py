@@ -35,6 +35,7 @@ from quantlab.model import (
     load_model,
     producers,
     run_session,
+    tensor_types,
     with_outputs,
 )
 
@@ -171,7 +172,8 @@ class _PairedRunner:
 
         self.inputs = input_specs(fp32)
         fed = {spec.name for spec in self.inputs}
-        names = [name for name in activation_tensors(fp32) if name not in fed]
+        types = tensor_types(fp32)  # one shape inference for both uses
+        names = [name for name in activation_tensors(fp32, types) if name not in fed]
         self.outputs = [output.name for output in fp32.graph.output]
         self.ops = producers(fp32)
         with tempfile.TemporaryDirectory() as tmp:
@@ -180,7 +182,7 @@ class _PairedRunner:
         missing = [name for name in self.outputs if name not in self.mapping]
         if missing:
             raise QuantlabError(f"the INT8 model does not produce the FP32 model's output(s) {', '.join(missing)}")
-        self.fp32 = create_session(with_outputs(fp32, list(self.mapping)))
+        self.fp32 = create_session(with_outputs(fp32, list(self.mapping), types))
         exposed = onnx.ModelProto()
         exposed.CopyFrom(int8_graph)
         declared = {output.name for output in exposed.graph.output}

@@ -54,7 +54,16 @@ from quantlab.atomic import atomic_write, check_writable
 from quantlab.errors import QuantlabError, QuantlabRuntimeError, first_line
 from quantlab.formats import read_bytes
 from quantlab.formats.trt_cache import parse_cache, trt_version_code
-from quantlab.model import activation_tensors, create_session, input_specs, load_model, producers, run_session, with_outputs
+from quantlab.model import (
+    activation_tensors,
+    create_session,
+    input_specs,
+    load_model,
+    producers,
+    run_session,
+    tensor_types,
+    with_outputs,
+)
 
 MISSING_TENSORRT = (
     "TensorRT is not installed: pip install 'quantlab[tensorrt]' (the wheels download their libraries from NVIDIA's "
@@ -253,7 +262,8 @@ class TensorRTPairedRunner:
         fp32 = load_model(model_path)
         self.inputs = input_specs(fp32)
         fed = {spec.name for spec in self.inputs}
-        names = [name for name in activation_tensors(fp32) if name not in fed]
+        types = tensor_types(fp32)  # one shape inference for both uses
+        names = [name for name in activation_tensors(fp32, types) if name not in fed]
         self.outputs = [output.name for output in fp32.graph.output]
         self.ops = producers(fp32)
         if qdq_model_path is None:
@@ -269,7 +279,7 @@ class TensorRTPairedRunner:
         missing = [name for name in self.outputs if name not in self.mapping]
         if missing:
             raise QuantlabError(f"the TensorRT engine does not produce the FP32 model's output(s) {', '.join(missing)}")
-        self.fp32 = create_session(with_outputs(fp32, list(self.mapping)))
+        self.fp32 = create_session(with_outputs(fp32, list(self.mapping), types))
 
     def run(self, feed: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         names = list(self.mapping)
