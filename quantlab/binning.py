@@ -47,6 +47,7 @@ class ExactBins:
 
     def __init__(self, amax: np.generic, bins: int, dtype: np.dtype, buffer_size: int, workspace: Workspace) -> None:
         self.edges = histogram_of(np.empty(0, dtype), bins, (-amax, amax))[1]
+        self._zero_edge = int(np.searchsorted(self.edges, 0))  # the first edge >= 0
         self.bins = bins
         self.workspace = workspace
         self.counts = np.zeros(bins, np.int64)
@@ -81,13 +82,12 @@ class ExactBins:
 
     def rectifiable(self) -> bool:
         """Whether an edge is exactly 0, so that the bins below it hold exactly the negative values."""
-        zero = int(np.searchsorted(self.edges, 0))
-        return zero < self.bins and self.edges[zero] == 0
+        return self._zero_edge < self.bins and self.edges[self._zero_edge] == 0
 
     def rectified(self) -> tuple[np.ndarray, int]:
         """Counts and zero count of max(x, 0) over the values counted (a Relu of them), binned over the same edges:
         the negative values become zeros. Exact only where `rectifiable()`, after `flush()`."""
-        zero = int(np.searchsorted(self.edges, 0))
+        zero = self._zero_edge
         counts = self.counts.copy()
         negatives = int(counts[:zero].sum())
         counts[:zero] = 0
