@@ -16,7 +16,9 @@ from __future__ import annotations
 import io
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -40,6 +42,15 @@ few = settings(max_examples=25, deadline=None, suppress_health_check=[HealthChec
 def assert_one_line(error: QuantlabError, where: str) -> None:
     message = str(error)
     assert message and "\n" not in message and where in message
+
+
+def read_or_one_line_error(read: Callable[[], Any], where: str) -> Any:
+    """What `read()` returns, or None once its QuantlabError is checked to be one line naming `where`."""
+    try:
+        return read()
+    except QuantlabError as exc:
+        assert_one_line(exc, where)
+        return None
 
 
 def assert_valid(thresholds: Thresholds) -> None:
@@ -76,11 +87,8 @@ def cache_like(draw) -> bytes:
 @fuzz
 @given(st.one_of(st.binary(max_size=200), cache_like()))
 def test_cache_parser_returns_thresholds_or_one_line_quantlab_error(data):
-    try:
-        thresholds = parse_cache(data, "fuzz.cache")
-    except QuantlabError as exc:
-        assert_one_line(exc, "fuzz.cache")
-    else:
+    thresholds = read_or_one_line_error(lambda: parse_cache(data, "fuzz.cache"), "fuzz.cache")
+    if thresholds is not None:
         assert_valid(thresholds)
         assert thresholds.metadata["header"] == data.decode("utf-8").removeprefix("\ufeff").split("\n")[0].strip()
 
@@ -93,11 +101,8 @@ def test_every_threshold_reader_returns_thresholds_or_one_line_quantlab_error(tm
     Runtime reader (or the unknown-extension error), on any bytes."""
     path = tmp_path_factory.mktemp("fuzz") / f"thresholds{suffix}"
     path.write_bytes(data)
-    try:
-        thresholds = read_thresholds(path)
-    except QuantlabError as exc:
-        assert_one_line(exc, str(path))
-    else:
+    thresholds = read_or_one_line_error(lambda: read_thresholds(path), str(path))
+    if thresholds is not None:
         assert_valid(thresholds)
 
 
@@ -115,11 +120,8 @@ def test_json_table_reader_on_well_formed_json_of_any_shape(tmp_path_factory, ve
     path = tmp_path_factory.mktemp("json") / "t.json"
     document = {"format": "quantlab-thresholds", "version": version, "thresholds": thresholds}
     path.write_text(json.dumps(document))  # NaN and Infinity too, as Python's json writes them
-    try:
-        result = read_thresholds(path)
-    except QuantlabError as exc:
-        assert_one_line(exc, str(path))
-    else:
+    result = read_or_one_line_error(lambda: read_thresholds(path), str(path))
+    if result is not None:
         assert_valid(result)
         assert version == 1 and set(result.amax) == set(thresholds)
 
@@ -134,11 +136,8 @@ def histogram_file(tmp_path_factory) -> Path:
 
 
 def check_loader(path: Path) -> None:
-    try:
-        histograms = load_histograms(path)
-    except QuantlabError as exc:
-        assert_one_line(exc, str(path))
-    else:
+    histograms = read_or_one_line_error(lambda: load_histograms(path), str(path))
+    if histograms is not None:
         assert isinstance(histograms, HistogramSet) and len(histograms) > 0
         for hist in histograms.values():
             assert isinstance(hist, Histogram) and np.all(hist.counts >= 0)
@@ -181,10 +180,7 @@ def test_readers_on_flipped_and_truncated_bytes(histogram_file, data_files, tmp_
         data = data[: int(keep * len(data))]
     path = tmp_path_factory.mktemp("corrupt") / original.name
     path.write_bytes(bytes(data))
-    try:
-        READERS[kind](path)
-    except QuantlabError as exc:
-        assert_one_line(exc, str(path))
+    read_or_one_line_error(lambda: READERS[kind](path), str(path))
 
 
 MEMBERS = ["meta", "names", "counts", "edges", "min", "max", "count", "zero_count", "nan_count", "inf_count"]
