@@ -164,25 +164,44 @@ def observable_tensors(fp32_names: Sequence[str], int8_graph: onnx.ModelProto) -
     return mapping
 
 
-class _PairedRunner:
+class FP32Side:
+    """The FP32 half of a paired runner (ONNX Runtime's below, TensorRT's in backends): the model's `inputs`,
+    `outputs` and `ops`, its `activations` (computed tensors, to pair), and, once `pair` is given the `mapping` FP32
+    tensor -> the tensor compared with it, an ONNX Runtime session that exposes them."""
+
+    def __init__(self, fp32: onnx.ModelProto) -> None:
+        self.model = fp32
+        self.inputs = input_specs(fp32)
+        fed = {spec.name for spec in self.inputs}
+        self.types = tensor_types(fp32)  # one shape inference for the activations and the session
+        self.activations = [name for name in activation_tensors(fp32, self.types) if name not in fed]
+        self.outputs = [output.name for output in fp32.graph.output]
+        self.ops = producers(fp32)
+
+    def pair(self, mapping: dict[str, str], other: str) -> None:
+        """Keep `mapping` and open the FP32 session; `other` names the INT8 side in the error for a missing output."""
+        missing = [name for name in self.outputs if name not in mapping]
+        if missing:
+            raise QuantlabError(f"the {other} does not produce the FP32 model's output(s) {', '.join(missing)}")
+        self.mapping = mapping
+        self.fp32 = create_session(with_outputs(self.model, list(mapping), self.types))
+
+    def reference(self, feed: Batch) -> dict[str, np.ndarray]:
+        """The FP32 values of the paired tensors."""
+        names = list(self.mapping)
+        return dict(zip(names, run_session(self.fp32, names, feed)))
+
+
+class _PairedRunner(FP32Side):
     """Runs the FP32 model and the INT8 model on the same feed, returning the paired tensors."""
 
     def __init__(self, fp32: onnx.ModelProto, qdq: onnx.ModelProto) -> None:
         import onnxruntime as ort
 
-        self.inputs = input_specs(fp32)
-        fed = {spec.name for spec in self.inputs}
-        types = tensor_types(fp32)  # one shape inference for both uses
-        names = [name for name in activation_tensors(fp32, types) if name not in fed]
-        self.outputs = [output.name for output in fp32.graph.output]
-        self.ops = producers(fp32)
+        super().__init__(fp32)
         with tempfile.TemporaryDirectory() as tmp:
             int8_graph = _int8_graph(qdq, Path(tmp))
-        self.mapping = observable_tensors(names, int8_graph)
-        missing = [name for name in self.outputs if name not in self.mapping]
-        if missing:
-            raise QuantlabError(f"the INT8 model does not produce the FP32 model's output(s) {', '.join(missing)}")
-        self.fp32 = create_session(with_outputs(fp32, list(self.mapping), types))
+        self.pair(observable_tensors(self.activations, int8_graph), "INT8 model")
         exposed = onnx.ModelProto()
         exposed.CopyFrom(int8_graph)
         declared = {output.name for output in exposed.graph.output}
@@ -196,9 +215,8 @@ class _PairedRunner:
 
     def run(self, feed: Batch) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         names = list(self.mapping)
-        reference = dict(zip(names, run_session(self.fp32, names, feed)))
         observed = dict(zip(names, run_session(self.int8, [self.mapping[n] for n in names], feed)))
-        return reference, observed
+        return self.reference(feed), observed
 
 
 def measure_drift(

@@ -51,19 +51,11 @@ from typing import Any, Literal
 import numpy as np
 
 from quantlab.atomic import atomic_write, check_writable
+from quantlab.drift import FP32Side, observable_tensors
 from quantlab.errors import QuantlabError, QuantlabRuntimeError, first_line
 from quantlab.formats import read_bytes
 from quantlab.formats.trt_cache import parse_cache, trt_version_code
-from quantlab.model import (
-    activation_tensors,
-    create_session,
-    input_specs,
-    load_model,
-    producers,
-    run_session,
-    tensor_types,
-    with_outputs,
-)
+from quantlab.model import activation_tensors, load_model
 
 MISSING_TENSORRT = (
     "TensorRT is not installed: pip install 'quantlab[tensorrt]' (the wheels download their libraries from NVIDIA's "
@@ -233,7 +225,7 @@ def engine_layer_outputs(
     return engine.run(feed)
 
 
-class TensorRTPairedRunner:
+class TensorRTPairedRunner(FP32Side):
     """The FP32 model in ONNX Runtime and its INT8 TensorRT engine, run on the same feeds, for `quantlab drift`.
 
     Same interface as drift's ONNX Runtime runner: `inputs` (InputSpecs), `outputs` (the FP32 graph outputs), `ops`
@@ -255,37 +247,24 @@ class TensorRTPairedRunner:
         workspace_mb: int | None = None,
     ) -> None:
         trt = _import_tensorrt()
-        from quantlab.drift import observable_tensors
-
         if (cache_path is None) == (qdq_model_path is None):
             raise QuantlabError("give exactly one of a calibration cache and a Q/DQ model to build the engine from")
-        fp32 = load_model(model_path)
-        self.inputs = input_specs(fp32)
-        fed = {spec.name for spec in self.inputs}
-        types = tensor_types(fp32)  # one shape inference for both uses
-        names = [name for name in activation_tensors(fp32, types) if name not in fed]
-        self.outputs = [output.name for output in fp32.graph.output]
-        self.ops = producers(fp32)
+        super().__init__(load_model(model_path))
         if qdq_model_path is None:
-            targets = {name: name for name in names}
+            targets = {name: name for name in self.activations}
         else:
-            targets = observable_tensors(names, load_model(qdq_model_path))
+            targets = observable_tensors(self.activations, load_model(qdq_model_path))
         engine_model = model_path if qdq_model_path is None else qdq_model_path
         self._engine = _LayerwiseEngine(
             trt, engine_model, list(targets.values()), cache_path=cache_path, fp16=fp16,
             layer_precisions=layer_precisions, input_shapes=input_shapes, workspace_mb=workspace_mb,
         )
-        self.mapping = {name: target for name, target in targets.items() if target in self._engine.marked}
-        missing = [name for name in self.outputs if name not in self.mapping]
-        if missing:
-            raise QuantlabError(f"the TensorRT engine does not produce the FP32 model's output(s) {', '.join(missing)}")
-        self.fp32 = create_session(with_outputs(fp32, list(self.mapping), types))
+        self.pair({name: target for name, target in targets.items() if target in self._engine.marked}, "TensorRT engine")
 
     def run(self, feed: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        names = list(self.mapping)
-        reference = dict(zip(names, run_session(self.fp32, names, dict(feed))))
+        reference = self.reference(dict(feed))
         values = self._engine.run(feed)
-        return reference, {name: values[self.mapping[name]] for name in names}
+        return reference, {name: values[target] for name, target in self.mapping.items()}
 
 
 def _import_tensorrt() -> Any:
