@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from quantlab.binning import ExactBins, Workspace
-from quantlab.data import Batch, CalibrationData
+from quantlab.data import Batch, CalibrationData, feed_samples
 from quantlab.errors import QuantlabError, QuantlabInterrupted
 from quantlab.histogram import Histogram, HistogramSet
 from quantlab.ranges import TensorRanges
@@ -107,7 +107,7 @@ class _Runner:
         self.session = create_session(with_outputs(self.model, self.measured, types), threads=threads)
         fed = {spec.name for spec in self.inputs}
         self.outputs = [name for name in self.measured if name not in fed]
-        batch_dims = {spec.shape[0] for spec in self.inputs}
+        batch_dims = {spec.shape[0] if spec.has_batch_dim else None for spec in self.inputs}
         batch = batch_dims.pop() if len(batch_dims) == 1 else None
         # bytes of measured activations per sample, from the inferred shapes where they are fixed but for the batch
         self.sample_bytes = bytes_per_sample(values, self.measured, batch) if isinstance(batch, str) else None
@@ -343,7 +343,7 @@ def _run_pass(
         for feed in feeds:
             if last is not None:
                 last.values = None  # released before the next batch runs: one batch in memory
-            values, count = runner.values(feed), len(next(iter(feed.values())))
+            values, count = runner.values(feed), feed_samples(feed, runner.inputs)
             take(values, count)
             if last is not None:
                 last.values, last.samples, last.batches = values, count, last.batches + 1

@@ -1,8 +1,10 @@
 """Calibration inputs: a directory of `.npy` / `.npz` files, validated against the model, streamed as batches.
 
 A `.npy` file feeds a single-input model; a `.npz` file holds one array per input name. Each array is one sample
-(the input's rank minus the batch dim) or a batch of samples (the input's full rank). Files are read in sorted
-order, one at a time (memory-mapped where possible), and regrouped into batches of `batch_size` samples.
+or a stack of samples along a new first axis; for an input with a batch dim, one sample is the input without it, so a
+stack is a batch (`InputSpec.has_batch_dim`). Files are read in sorted order, one at a time (memory-mapped where
+possible), and regrouped into batches of `batch_size` samples; a model with an input that has no batch dim (a
+recurrent state, a scalar) runs its samples one at a time.
 """
 
 from __future__ import annotations
@@ -89,7 +91,7 @@ def _read_npy(path: Path, header: _NpyHeader, large: bool) -> np.ndarray:
 class _FilePlan:
     path: Path
     samples: int
-    batched: dict[str, bool]
+    stacked: dict[str, bool]  # per input: the array holds a stack of samples along its first axis
     header: _NpyHeader | None  # of a .npy file
     large: bool  # over _MMAP_THRESHOLD: memory-mapped
 
@@ -117,9 +119,13 @@ class CalibrationData:
             raise QuantlabError(f"--batch-size must be at least 1, got {batch_size}")
         if limit is not None and limit < 1:
             raise QuantlabError(f"--limit must be at least 1, got {limit}")
-        fixed = {spec.shape[0] for spec in inputs if spec.shape and isinstance(spec.shape[0], int)}
+        # Samples batch only where every input has a batch dim; a fixed one sets the batch size.
+        self.batchable = all(spec.has_batch_dim for spec in inputs)
+        fixed = {spec.shape[0] for spec in inputs if spec.has_batch_dim and isinstance(spec.shape[0], int)}
         self.batch_size = fixed.pop() if batch_size is None and len(fixed) == 1 else batch_size
-        self._check_batch_dims()
+        if not self.batchable:
+            self.batch_size = 1
+        self._check_batch_dims(batch_size)
         self._plans = self._scan()
         available = sum(plan.samples for plan in self._plans)
         total = min(available, limit) if limit else available
@@ -133,14 +139,20 @@ class CalibrationData:
             self.start, self.stop = index * total // count, (index + 1) * total // count
         self.num_samples = self.stop - self.start
 
-    def _check_batch_dims(self) -> None:
+    def _check_batch_dims(self, requested: int | None) -> None:
+        """A requested batch size must fit every input: a fixed batch dim, or none (samples then run alone)."""
+        if requested in (None, 1):
+            return
         for spec in self.inputs:
-            if not spec.shape:
-                raise QuantlabError(f"input {spec.name!r} is a scalar; quantlab needs inputs with a batch dimension")
-            fixed = spec.shape[0]
-            if self.batch_size not in (None, 1) and isinstance(fixed, int) and fixed != self.batch_size:
+            if not spec.has_batch_dim:
                 raise QuantlabError(
-                    f"--batch-size {self.batch_size} does not fit input {spec.name!r}, whose batch dimension is fixed to {fixed}"
+                    f"--batch-size {requested} does not fit input {spec.describe()}, which has no batch dimension "
+                    "(its samples run one at a time)"
+                )
+            fixed = spec.shape[0]
+            if isinstance(fixed, int) and fixed != requested:
+                raise QuantlabError(
+                    f"--batch-size {requested} does not fit input {spec.name!r}, whose batch dimension is fixed to {fixed}"
                 )
 
     def _scan(self) -> list[_FilePlan]:
@@ -168,28 +180,29 @@ class CalibrationData:
                 [f"unknown name(s) {', '.join(extra)}"] if extra else []
             )
             raise QuantlabError(f"{path}: {'; '.join(parts)} (model inputs: {', '.join(sorted(expected))})")
-        batched, samples = {}, set()
+        stacked, samples = {}, {}
         for spec in self.inputs:
             shape, dtype = arrays[spec.name].shape, arrays[spec.name].dtype
             if dtype != spec.dtype:
                 raise QuantlabError(f"{path}: input {spec.name!r} has dtype {dtype}, the model expects {spec.dtype}")
-            batched[spec.name] = len(shape) == len(spec.shape)
-            sample_shape = shape[1:] if batched[spec.name] else shape
-            if len(sample_shape) != len(spec.shape) - 1:
-                raise QuantlabError(
-                    f"{path}: input {spec.name!r} has shape {shape}, the model expects {spec.describe()} "
-                    f"(one sample without the batch dim, or a batch)"
-                )
-            for axis, (got, want) in enumerate(zip(sample_shape, spec.shape[1:]), start=1):
+            stacked[spec.name] = len(shape) == len(spec.sample_shape) + 1
+            sample_shape = shape[1:] if stacked[spec.name] else shape
+            if len(sample_shape) != len(spec.sample_shape):
+                expected = "one sample without the batch dim, or a batch" if spec.has_batch_dim else "one sample, or a stack of samples"
+                raise QuantlabError(f"{path}: input {spec.name!r} has shape {shape}, the model expects {spec.describe()} ({expected})")
+            offset = 1 if spec.has_batch_dim else 0
+            for axis, (got, want) in enumerate(zip(sample_shape, spec.sample_shape), start=offset):
                 if isinstance(want, int) and got != want:
                     raise QuantlabError(
                         f"{path}: input {spec.name!r} has shape {shape}, the model expects {spec.describe()} (dim {axis})"
                     )
-            samples.add(shape[0] if batched[spec.name] else 1)
-        if len(samples) != 1:
-            raise QuantlabError(f"{path}: inputs hold different numbers of samples {sorted(samples)}")
+            samples[spec.name] = shape[0] if stacked[spec.name] else 1
+        if len(set(samples.values())) != 1:
+            counts = ", ".join(f"{name} {count}" for name, count in samples.items())
+            raise QuantlabError(f"{path}: inputs hold different numbers of samples ({counts})")
         header = arrays[self.inputs[0].name] if path.suffix == ".npy" else None
-        return _FilePlan(path, samples.pop(), batched, header, path.stat().st_size > _MMAP_THRESHOLD)
+        count = next(iter(samples.values()))
+        return _FilePlan(path, count, stacked, header, path.stat().st_size > _MMAP_THRESHOLD)
 
     def summary(self) -> dict:
         """What was fed: for the histogram file's metadata."""
@@ -210,7 +223,7 @@ class CalibrationData:
             else:
                 with np.load(plan.path, allow_pickle=False) as npz:
                     arrays = {name: npz[name] for name in npz.files}
-        return {name: (a if plan.batched[name] else a[np.newaxis]) for name, a in arrays.items()}
+        return {name: (a if plan.stacked[name] else a[np.newaxis]) for name, a in arrays.items()}
 
     def __len__(self) -> int:
         return self.num_samples
@@ -223,12 +236,20 @@ class CalibrationData:
         for plan in self._plans:
             if self.start < offset + plan.samples:
                 index = self.start - offset
-                return {name: np.ascontiguousarray(a[index : index + 1]) for name, a in self._load(plan).items()}
+                return self._feed({name: a[index : index + 1] for name, a in self._load(plan).items()})
             offset += plan.samples
         raise AssertionError("start lies within the samples")
 
+    def _feed(self, stacks: Batch) -> Batch:
+        """The model's feed for samples stacked along a first axis: the stack itself where the input has a batch dim,
+        its one sample where it has none (such data runs a sample at a time). Contiguous, as ONNX Runtime wants."""
+        return {
+            spec.name: np.ascontiguousarray(stacks[spec.name] if spec.has_batch_dim else stacks[spec.name][0])
+            for spec in self.inputs
+        }
+
     def _files(self) -> Iterator[Batch]:
-        """The samples of each file within [start, stop), a feed per file."""
+        """The samples of each file within [start, stop), stacked along a first axis, a dict per file."""
         offset = 0  # index of the first sample of the current file
         for plan in self._plans:
             begin, end = max(self.start - offset, 0), min(self.stop - offset, plan.samples)
@@ -241,13 +262,13 @@ class CalibrationData:
     def __iter__(self) -> Iterator[Batch]:
         if self.batch_size is None:
             for arrays in self._files():
-                yield {name: np.ascontiguousarray(a) for name, a in arrays.items()}
+                yield self._feed(arrays)
             return
         pending: list[Batch] = []
         pending_samples = 0
         for arrays in self._files():
             if pending and _sample_shapes(arrays) != _sample_shapes(pending[0]):
-                yield _concat(pending)
+                yield self._feed(_concat(pending))
                 pending, pending_samples = [], 0
             begin, end = 0, len(next(iter(arrays.values())))
             while begin < end:
@@ -256,10 +277,18 @@ class CalibrationData:
                 pending_samples += step
                 begin += step
                 if pending_samples == self.batch_size:
-                    yield _concat(pending)
+                    yield self._feed(_concat(pending))
                     pending, pending_samples = [], 0
         if pending:
-            yield _concat(pending)
+            yield self._feed(_concat(pending))
+
+
+def feed_samples(feed: Batch, inputs: list[InputSpec]) -> int:
+    """Samples in a feed: the batch dim of an input that has one, else 1 (the inputs are one sample)."""
+    for spec in inputs:
+        if spec.has_batch_dim and spec.name in feed:
+            return len(feed[spec.name])
+    return 1
 
 
 def _sample_shapes(feed: Batch) -> dict[str, tuple[int, ...]]:
@@ -268,5 +297,5 @@ def _sample_shapes(feed: Batch) -> dict[str, tuple[int, ...]]:
 
 def _concat(parts: list[Batch]) -> Batch:
     if len(parts) == 1:
-        return {name: np.ascontiguousarray(a) for name, a in parts[0].items()}
+        return parts[0]
     return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}

@@ -22,11 +22,18 @@ ORT_LOG_SEVERITY = 4
 
 @dataclass(frozen=True)
 class InputSpec:
-    """A graph input: name, shape (int for a fixed dim, str or None for a dynamic one) and NumPy dtype."""
+    """A graph input: name, shape (int for a fixed dim, str or None for a dynamic one), NumPy dtype, and whether its
+    first dim is a batch dim that samples are stacked along (see `input_specs`)."""
 
     name: str
     shape: tuple[int | str | None, ...]
     dtype: np.dtype
+    has_batch_dim: bool = True
+
+    @property
+    def sample_shape(self) -> tuple[int | str | None, ...]:
+        """The shape of one sample: without the batch dim where the input has one, else the whole input."""
+        return self.shape[1:] if self.has_batch_dim else self.shape
 
     def describe(self) -> str:
         dims = ", ".join("?" if d is None else str(d) for d in self.shape)
@@ -45,6 +52,7 @@ def load_model(path: str | Path) -> onnx.ModelProto:
     _load_external_data(model, path)
     if not model.graph.node:
         raise QuantlabError(f"{path}: not a valid ONNX model (the graph has no nodes)")
+    _unfix_nonpositive_dims(model)
     try:
         if model.ByteSize() < _PROTOBUF_LIMIT:
             onnx.checker.check_model(model)
@@ -53,6 +61,16 @@ def load_model(path: str | Path) -> onnx.ModelProto:
     except (onnx.checker.ValidationError, ValueError) as exc:
         raise QuantlabError(f"{path}: invalid ONNX model ({first_line(exc)})") from None
     return model
+
+
+def _unfix_nonpositive_dims(model: onnx.ModelProto) -> None:
+    """Make the dims a graph declares as -1 or 0 (PaddlePaddle's way of saying "dynamic") dynamic: ONNX Runtime would
+    refuse every input whose dim is not 0, and shape inference would carry the bogus sizes on."""
+    graph = model.graph
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_value") and dim.dim_value <= 0:
+                dim.Clear()
 
 
 def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
@@ -79,19 +97,34 @@ def file_sha256(path: str | Path) -> str:
 
 
 def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
-    """The inputs a caller must feed (graph inputs that are not initializers), in graph order."""
+    """The inputs a caller must feed (graph inputs that are not initializers), in graph order.
+
+    A dim stored as a value <= 0 (PaddlePaddle writes -1) is dynamic, like a named or missing one. Each input has its
+    own batch dim, or none: the first dim is a batch dim where it is dynamic, or where every input's first dim is the
+    same fixed size (a model exported for batches of 1 or 8). Otherwise (a recurrent state [2, 1, 128] beside an audio
+    window [1, 576], a scalar) the input is fed whole, and its samples run one at a time.
+    """
     initializers = {init.name for init in model.graph.initializer}
-    specs = []
+    shapes = []
     for value in model.graph.input:
         if value.name in initializers:
             continue
         tensor_type = value.type.tensor_type
-        dims = tuple(
-            d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim
-        )
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
-        specs.append(InputSpec(value.name, dims, np.dtype(dtype)))
-    return specs
+        dims = tuple(_dim(d) for d in tensor_type.shape.dim)
+        shapes.append((value.name, dims, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))))
+    first_dims = {dims[0] if dims else () for _, dims, _ in shapes}
+    common_fixed = len(first_dims) == 1 and isinstance(next(iter(first_dims)), int)
+    return [
+        InputSpec(name, dims, dtype, has_batch_dim=bool(dims) and (common_fixed or not isinstance(dims[0], int)))
+        for name, dims, dtype in shapes
+    ]
+
+
+def _dim(dim: onnx.TensorShapeProto.Dimension) -> int | str | None:
+    """A fixed size (> 0), the name of a dynamic dim, or None for an unnamed dynamic one."""
+    if dim.HasField("dim_value"):
+        return dim.dim_value if dim.dim_value > 0 else None
+    return dim.dim_param or None
 
 
 def value_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto.Tensor]:

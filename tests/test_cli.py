@@ -15,10 +15,10 @@ import quantlab
 from conftest import CALIB_DIR, DEMO_MODEL, ROOT
 
 
-def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def run(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "COLUMNS": "200"}
     return subprocess.run(
-        [sys.executable, "-m", "quantlab", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
+        [sys.executable, "-m", "quantlab", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout
     )
 
 
