@@ -32,6 +32,7 @@ _EXPORTS = {
     "DriftReport": "quantlab.drift",
     "write_cache": "quantlab.formats.trt_cache",
     "CalibrationData": "quantlab.data",
+    "save_data": "quantlab.data",
     "compute_amax": "quantlab.calibration",
     "calibrate": "quantlab.calibration",
     "kl_curve": "quantlab.calibration",

@@ -80,6 +80,12 @@ def _warn_nonfinite(histograms) -> None:
             )
 
 
+DATA_HELP = (
+    "A directory of .npy (single input) or .npz (keyed by input name) files, or a data-loader script "
+    "loader.py[:FUNCTION] whose function (default load_data) yields dicts of input name -> array."
+)
+
+
 def _parse_shard(value: Optional[str]) -> tuple[int, int] | None:
     if value is None:
         return None
@@ -92,7 +98,7 @@ def _parse_shard(value: Optional[str]) -> tuple[int, int] | None:
 @app.command()
 def collect(
     model: Path = typer.Argument(..., help="FP32 ONNX model."),
-    data: Path = typer.Option(..., "--data", "-d", help="Directory of .npy (single input) or .npz (keyed by input name) files."),
+    data: str = typer.Option(..., "--data", "-d", metavar="PATH", help=DATA_HELP),
     out: Path = typer.Option(Path("histograms.npz"), "--out", "-o", help="Histogram file (or ranges file with --ranges-only) to write."),
     bins: int = typer.Option(2048, "--bins", help="Bins of |x| per tensor (the signed histogram has twice as many)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Samples per inference run (default: as many as fit in 4 MB of activations)."),
@@ -100,7 +106,7 @@ def collect(
     tensors: Optional[list[str]] = typer.Option(None, "--tensors", "-t", help="Only tensors matching these globs (repeat or comma-separate)."),
     ranges_only: bool = typer.Option(False, "--ranges-only", help="Run the range pass alone and write the ranges file."),
     ranges: Optional[Path] = typer.Option(None, "--ranges", help="Ranges file from --ranges-only: run only the histogram pass."),
-    shard: Optional[str] = typer.Option(None, "--shard", help="I/N: only the I-th of N slices of the data (with --ranges)."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="I/N: only the I-th of N parts of the data (with --ranges): a slice of a directory, every N-th sample of a loader's."),
     workers: int = typer.Option(1, "--workers", "-w", help="Run the shards in N local processes and merge."),
     ray: Optional[str] = typer.Option(None, "--ray", help="Run the shards as Ray tasks: a cluster address, 'auto', or 'local'."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -142,6 +148,22 @@ def collect(
     _console().print(
         f"wrote {out}: {len(result)} tensors x {bins} bins of |x| from {samples} samples in {result.metadata['seconds']:.2f} s"
     )
+
+
+@app.command("save-data")
+def save_data(
+    model: Path = typer.Argument(..., help="ONNX model whose inputs the samples are checked against."),
+    data: str = typer.Option(..., "--data", "-d", metavar="PATH", help=DATA_HELP),
+    out: Path = typer.Option(..., "--out", "-o", help="Directory to write (new or empty): one .npy/.npz file per item the data yields."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Write only the first N samples."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Read the data once (run a loader script) and write its samples, checked against MODEL, as a data directory: every later run reads exactly these samples, and --workers/--shard split them by file."""
+    from quantlab.data import save_data as save
+
+    with _progress(quiet) as progress:
+        saved = save(model, data, out, limit=limit, progress=progress)
+    _console().print(f"wrote {out}: {saved.num_samples} samples in {saved.origin['files']} files")
 
 
 @app.command()

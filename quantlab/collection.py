@@ -9,16 +9,16 @@ the size of the data set.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
-import itertools
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from quantlab.binning import ExactBins, Workspace
-from quantlab.data import Batch, CalibrationData, feed_samples
+from quantlab.data import Batch, CalibrationData, DataSource, Progress, feed_samples, open_data, reads_differ
 from quantlab.errors import QuantlabError, QuantlabInterrupted
 from quantlab.histogram import Histogram, HistogramSet
 from quantlab.ranges import TensorRanges
@@ -37,7 +37,6 @@ from quantlab.model import (
     with_outputs,
 )
 
-Progress = Callable[[str, int, "int | None"], None]  # (stage, samples done, samples in all or None)
 BUFFER_BUDGET = 64 << 20  # bytes, over all tensors, for gathering small batches before counting them
 GATHERED = 1 << 16  # values of a tensor gathered from small batches: enough that a count's per-call cost fades
 # Bytes of activations per inference run when the batch size is quantlab's choice: large enough that per-run costs
@@ -112,13 +111,13 @@ class _Runner:
         # bytes of measured activations per sample, from the inferred shapes where they are fixed but for the batch
         self.sample_bytes = bytes_per_sample(values, self.measured, batch) if isinstance(batch, str) else None
 
-    def fitting_batch_size(self, data: CalibrationData) -> int:
-        """Samples per run: all of the data's if their activations (those measured) fit in ONE_BATCH_BUDGET bytes,
-        else as many as fit in ACTIVATION_BUDGET bytes (at least one). Per sample, the bytes the inferred shapes
-        give, else those of a run of the first sample."""
-        per_sample = self.sample_bytes or sum(values.nbytes for values in self.values(data.first_sample()))
-        if per_sample * len(data) <= ONE_BATCH_BUDGET:
-            return len(data)
+    def fitting_batch_size(self, sample: Batch, samples: int | None) -> int:
+        """Samples per run: all `samples` if their activations (those measured) fit in ONE_BATCH_BUDGET bytes, else
+        (or while their number is unknown, in a stream's first read) as many as fit in ACTIVATION_BUDGET bytes, at
+        least one. Per sample, the bytes the inferred shapes give, else those of a run of `sample`, the first."""
+        per_sample = self.sample_bytes or sum(values.nbytes for values in self.values(sample))
+        if samples is not None and per_sample * samples <= ONE_BATCH_BUDGET:
+            return samples
         return max(1, ACTIVATION_BUDGET // max(per_sample, 1))
 
     def values(self, feed: Batch) -> list[np.ndarray]:
@@ -126,45 +125,43 @@ class _Runner:
         return [_as_float(feed[name] if name in feed else produced[name]) for name in self.measured]
 
 
+@contextlib.contextmanager
 def _open(
     model: str | Path,
-    data: str | Path | CalibrationData | Iterable[Batch],
+    data: DataSource,
     tensors: Sequence[str] | None,
     threads: int,
     batch_size: int | None,
     limit: int | None,
     shard: tuple[int, int] | None,
-) -> tuple[_Runner, Iterable[Batch], dict]:
-    """The session and the data of one collection run, with the data summary for the metadata.
+    passes: int,
+) -> Iterator[tuple[_Runner, CalibrationData]]:
+    """The session and the data of one collection run of `passes` passes over the data.
 
-    A data directory without a batch size (from the caller or the model) is fed in batches sized by its activations
-    (`fitting_batch_size`), whatever size the files are.
+    Data opened here without a batch size (from the caller or the model) is fed in batches sized by its activations
+    (`fitting_batch_size`), whatever size its files or items are.
     """
     runner = _Runner(Path(model), tensors, threads)
-    if isinstance(data, (str, Path)):
-        data = CalibrationData(data, runner.inputs, batch_size=batch_size, limit=limit, shard=shard)
-        if data.batch_size is None and len(data):
-            data.batch_size = runner.fitting_batch_size(data)
-    elif shard is not None:
-        raise QuantlabError("shard= needs a data directory or a CalibrationData, not an iterable of feeds")
-    summary = data.summary() if isinstance(data, CalibrationData) else {"source": type(data).__name__}
-    return runner, data, summary
+    with open_data(data, runner.inputs, batch_size=batch_size, limit=limit, shard=shard, reread=passes > 1) as opened:
+        if opened is not data and opened.batch_size is None:
+            opened.size_batches_by(runner.fitting_batch_size)
+        yield runner, opened
 
 
-def _metadata(model: Path, runner: _Runner, summary: dict, samples: int, started: float) -> dict:
+def _metadata(model: Path, runner: _Runner, data: CalibrationData, samples: int, started: float) -> dict:
     return {
         "model_name": model.name,
         "model_sha256": file_sha256(model),
         "tensors": len(runner.names),
         "measured_tensors": len(runner.measured),  # the others hold a measured tensor's values, rearranged
-        "data": {**summary, "samples": samples},
+        "data": {**data.summary(), "samples": samples},
         "seconds": round(time.perf_counter() - started, 3),
     }
 
 
 def collect_ranges(
     model: str | Path,
-    data: str | Path | CalibrationData | Iterable[Batch],
+    data: DataSource,
     *,
     batch_size: int | None = None,
     limit: int | None = None,
@@ -175,18 +172,18 @@ def collect_ranges(
 ) -> TensorRanges:
     """The range pass alone: per-tensor min, max and counts over the data (or one shard of it)."""
     started = time.perf_counter()
-    runner, data, summary = _open(model, data, tensors, threads, batch_size, limit, shard)
-    ranges = TensorRanges(runner.measured)
-    samples = _run_pass(runner, data, "ranges", progress, ranges.update_batch)
-    if samples == 0:
-        raise QuantlabError("the calibration data holds no samples")
-    ranges.metadata = _metadata(Path(model), runner, summary, samples, started)
+    with _open(model, data, tensors, threads, batch_size, limit, shard, passes=1) as (runner, data):
+        ranges = TensorRanges(runner.measured)
+        samples = _run_pass(runner, data, "ranges", progress, ranges.update_batch)
+        if samples == 0:
+            raise QuantlabError("the calibration data holds no samples")
+        ranges.metadata = _metadata(Path(model), runner, data, samples, started)
     return ranges
 
 
 def collect(
     model: str | Path,
-    data: str | Path | CalibrationData | Iterable[Batch],
+    data: DataSource,
     *,
     bins: int = 2048,
     batch_size: int | None = None,
@@ -200,17 +197,33 @@ def collect(
 ) -> HistogramSet:
     """Histograms (signed, 2*bins bins over [-max|x|, +max|x|]) of every float activation tensor of `model`.
 
-    `data` is a directory of .npy/.npz files, a CalibrationData, or a re-iterable of feeds {input name: array}.
+    `data` is anything `quantlab.data.open_data` takes: a directory of .npy/.npz files, a loader script
+    (`"loader.py[:function]"`), a CalibrationData, a list of feeds {input name: array}, a generator of them or an
+    ONNX Runtime CalibrationDataReader (read once: spilled to a temporary directory for the second pass).
     `tensors` keeps only the names matching these globs; `threads` is ONNX Runtime's intra-op thread count (0: its
     default); `progress(stage, samples, total)` is called after each batch. Without `ranges`, a range pass over the data
     comes first. With `ranges` (from `collect_ranges` over the whole data set, or its file), only the histogram pass
-    runs, here over the `shard=(i, n)` slice of the data: the parts then merge exactly (`HistogramSet.merge`). The
+    runs, here over the `shard=(i, n)` part of the data: the parts then merge exactly (`HistogramSet.merge`). The
     shard's own statistics (min, max, counts) are measured again in that pass, unless `shard_ranges` gives them: the
     range pass over this same shard, as `collect_parallel` has it.
     """
     check_bins(bins)
     started = time.perf_counter()
-    runner, data, summary = _open(model, data, tensors, threads, batch_size, limit, shard)
+    with _open(model, data, tensors, threads, batch_size, limit, shard, passes=1 if ranges is not None else 2) as (runner, opened):
+        return _collect(Path(model), runner, opened, bins, ranges, shard_ranges, progress, started)
+
+
+def _collect(
+    model: Path,
+    runner: _Runner,
+    data: CalibrationData,
+    bins: int,
+    ranges: TensorRanges | str | Path | None,
+    shard_ranges: TensorRanges | None,
+    progress: Progress | None,
+    started: float,
+) -> HistogramSet:
+    """`collect` over opened data."""
     last = _LastBatch()
     if ranges is None:
         ranges = TensorRanges(runner.measured)
@@ -218,9 +231,13 @@ def collect(
             raise QuantlabError("the calibration data holds no samples")
         seen = ranges
     else:
-        ranges = _check_ranges(ranges, runner, Path(model))
+        ranges = _check_ranges(ranges, runner, model)
         seen = TensorRanges(runner.measured) if shard_ranges is None else _check_shard_ranges(shard_ranges, ranges)
-    measuring = seen is not ranges and shard_ranges is None  # the shard's statistics, and values checked in range
+        data.check_against((shard_ranges or ranges).metadata.get("data", {}))
+    measuring = seen is not ranges and shard_ranges is None  # the shard's statistics, measured in this pass
+    # Values are checked against ranges measured in another read: over other data, or a loader's earlier run, whose
+    # values may differ (the binning takes values within the range only).
+    checker = seen if measuring else TensorRanges(runner.measured) if data.reruns else None
     workspace = Workspace()
     buffer = _buffer_size(len(runner.measured), 8)
     # A Relu output with its input's range has its input's edges and counts, the negative ones moved to the bin of 0:
@@ -244,14 +261,14 @@ def collect(
     limits = np.array([float(ranges.amax(i)) for i in range(len(runner.measured))])
 
     def add(batch: list[np.ndarray]) -> None:
-        if measuring:
-            beyond = np.flatnonzero(seen.update_batch(batch) > limits)
+        if checker is not None:
+            beyond = np.flatnonzero(checker.update_batch(batch) > limits)
             if beyond.size:
                 i = int(beyond[0])
-                raise QuantlabError(
-                    f"tensor {runner.measured[i]!r} has values beyond the given ranges (max|x| "
-                    f"{float(seen.amax(i)):.6g} > {limits[i]:.6g}): collect the ranges over the same data"
-                )
+                found = f"tensor {runner.measured[i]!r} has max|x| {float(checker.amax(i)):.6g} > {limits[i]:.6g}"
+                if data.reruns:
+                    raise reads_differ(data.source, f"other values in this run than in an earlier one ({found})")
+                raise QuantlabError(f"{found}, beyond the given ranges: collect the ranges over the same data")
         for i, values in enumerate(batch):
             if binners[i] is not None:
                 binners[i].add(values[np.isfinite(values)] if nonfinite[i] else values)
@@ -275,7 +292,7 @@ def collect(
         "collection": "exact: range pass then histogram pass over [-max|x|, +max|x|], signed, 2*bins bins",
         "binned_tensors": len(runner.measured) - len(rectified),  # the others: Relu outputs, from their input's counts
         "ranges_digest": ranges.digest(),
-        **_metadata(Path(model), runner, summary, samples, started),
+        **_metadata(model, runner, data, samples, started),
     }
     return HistogramSet(histograms, metadata)
 
@@ -311,7 +328,7 @@ class _LastBatch:
 
 def _run_pass(
     runner: _Runner,
-    data: Iterable[Batch],
+    data: CalibrationData,
     stage: str,
     progress: Progress | None,
     consume: Callable[[list[np.ndarray]], None],
@@ -323,23 +340,23 @@ def _run_pass(
     Batches run one after the other: on 2 cores, overlapping inference with binning in a second thread measured ~7%
     slower (ONNX Runtime's own threads already use both cores, and the two compete).
     """
-    total = len(data) if isinstance(data, Sized) else None
     samples = 0
-    feeds: Iterator[Batch] = iter(data)
 
     def take(values: list[np.ndarray], count: int) -> None:
         nonlocal samples
         consume(values)
         samples += count
         if progress:
-            progress(stage, samples, total)
+            progress(stage, samples, data.num_samples)
 
     try:
         if last is not None and last.values is not None:
             recorded, last.values = last.values, None
             take(recorded, last.samples)
             del recorded
-            feeds, last = itertools.islice(feeds, last.batches - 1), None
+            feeds, last = data.batches(last.batches - 1), None
+        else:
+            feeds = data.batches()
         for feed in feeds:
             if last is not None:
                 last.values = None  # released before the next batch runs: one batch in memory

@@ -128,7 +128,9 @@ class TensorRanges:
             for counter in ("count", "nans", "infs"):
                 getattr(merged, counter)[:] += getattr(part, counter)
         samples = sum(part.metadata.get("data", {}).get("samples", 0) for part in parts)
-        merged.metadata["data"] = {**merged.metadata.get("data", {}), "samples": samples, "shard": None, "merged_parts": len(parts)}
+        # the first part's data summary, less what holds for that part alone (a loader's digests of its samples)
+        data = {key: value for key, value in merged.metadata.get("data", {}).items() if key != "digests"}
+        merged.metadata["data"] = {**data, "samples": samples, "shard": None, "merged_parts": len(parts)}
         return merged
 
     def save(self, path: str | Path) -> Path:

@@ -2,7 +2,9 @@
 
 One code path for every executor: both passes run as N shard tasks (`collect_ranges` on shard i, then `collect` with
 the merged ranges on shard i) and their results merge (ranges by min/max, histograms by adding counts). The tasks run
-in local processes or as Ray tasks.
+in local processes or as Ray tasks. The data travels as its path: a directory (each shard reads its slice of the
+files) or a loader script (each shard runs the loader and keeps every n-th sample; the shards must all have read the
+same number of samples, and each shard's histogram pass must read what its range pass read).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from quantlab.collection import Progress, collect, collect_ranges
+from quantlab.data import reads_differ
 from quantlab.errors import QuantlabError
 from quantlab.histogram import HistogramSet
 from quantlab.ranges import TensorRanges
@@ -29,7 +32,7 @@ class ShardJob:
     """Everything one shard task needs; plain data, so it travels to another process or a Ray worker."""
 
     model: str
-    data: str
+    data: str  # a data directory or loader script
     shard: tuple[int, int]
     bins: int = 2048
     batch_size: int | None = None
@@ -88,7 +91,7 @@ def shard_jobs(model: str | Path, data: str | Path, workers: int, **options: Any
 
 def collect_parallel(
     model: str | Path,
-    data: str | Path,
+    data: str | os.PathLike,
     workers: int,
     *,
     bins: int = 2048,
@@ -99,12 +102,19 @@ def collect_parallel(
     use_ray: bool = False,
     progress: Progress | None = None,
 ) -> HistogramSet:
-    """`collect` with the data split over `workers` local processes (or Ray tasks); bit-identical counts."""
+    """`collect` with the data (a directory or loader script) split over `workers` local processes (or Ray tasks);
+    bit-identical counts."""
+    if not isinstance(data, (str, os.PathLike)):
+        raise QuantlabError(
+            f"data for workers must be a directory or a loader script, not a {type(data).__name__} (it cannot travel "
+            "to other processes): write it to a directory with quantlab.save_data first"
+        )
     started = time.perf_counter()
     jobs = shard_jobs(model, data, workers, bins=bins, batch_size=batch_size, limit=limit, tensors=tensors)
     executor = _RayExecutor(ray_address) if use_ray else _ProcessExecutor(workers)
     with executor:
         parts = executor.run(jobs, None, progress)
+        _check_same_reads(parts)
         ranges = TensorRanges.merge(parts)
         jobs = [dataclasses.replace(job, own_ranges=part) for job, part in zip(jobs, parts)]
         merged = HistogramSet.merge(executor.run(jobs, ranges, progress))
@@ -112,6 +122,14 @@ def collect_parallel(
     merged.metadata["executor"] = "ray" if use_ray else "processes"
     merged.metadata["seconds"] = round(time.perf_counter() - started, 3)
     return merged
+
+
+def _check_same_reads(parts: list[TensorRanges]) -> None:
+    """Each shard runs a loader script whole: all must have read as many samples (a directory's shards read slices)."""
+    counts = [part.metadata["data"].get("yielded") for part in parts]
+    if len(set(counts)) > 1:
+        runs = ", ".join(f"{count} samples in shard {i}'s run" for i, count in enumerate(counts))
+        raise reads_differ(parts[0].metadata["data"]["loader"], runs)
 
 
 class _ProgressTotals:
