@@ -37,6 +37,7 @@ _EXPORTS = {
     "calibrate": "quantlab.calibration",
     "kl_curve": "quantlab.calibration",
     "METHODS": "quantlab.calibration",
+    "unquantizable": "quantlab.calibration",
     "QuantlabError": "quantlab.errors",
 }
 

@@ -120,12 +120,17 @@ class Histogram:
 
 
 def histogram_of(values: np.ndarray, bins: int, value_range: tuple) -> tuple[np.ndarray, np.ndarray]:
-    """`np.histogram(values, bins, range=value_range)`, in float64 where the values' own dtype cannot hold `bins`
-    distinct edges over the range (a float32 max|x| among the subnormals, e.g. 1e-44): np.histogram refuses those."""
-    try:
-        return np.histogram(values, bins=bins, range=value_range)
-    except ValueError:
-        return np.histogram(np.asarray(values, np.float64), bins=bins, range=tuple(map(float, value_range)))
+    """`np.histogram(values, bins, range=value_range)`, in float64 where the values' own float type cannot hold the
+    range's width (a float32 max|x| beyond half float32's max, e.g. an attention mask of -3.4e38: np.histogram's
+    arithmetic overflows, to NaN bin indices) or `bins` distinct edges over it (a float32 max|x| among the
+    subnormals, e.g. 1e-44: np.histogram refuses those)."""
+    low, high = map(float, value_range)
+    if not (np.issubdtype(values.dtype, np.floating) and high - low > float(np.finfo(values.dtype).max)):
+        try:
+            return np.histogram(values, bins=bins, range=value_range)
+        except ValueError:
+            pass
+    return np.histogram(np.asarray(values, np.float64), bins=bins, range=(low, high))
 
 
 def _combine_stats(parts: list[Histogram]) -> dict[str, Any]:

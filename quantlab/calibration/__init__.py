@@ -3,6 +3,7 @@
 Methods live in one module each and are registered in `METHODS` by name; a method is a function
 ``(hist, *, option=default, ...) -> float``. Adding a method = one module + one entry below.
 Tables that depend only on the number of bins are cached, so calibrating a whole model builds them once.
+`calibrate` leaves out the tensors INT8 cannot represent (`unquantizable`), so that they stay in float.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from quantlab.calibration import kl, mse, percentile
 from quantlab.calibration import max as max_method  # binds `max` here to that module: no builtin max() in this file
 from quantlab.calibration._common import check_options
 from quantlab.calibration.kl import kl_curve
+from quantlab.calibration.unquantizable import unquantizable
 from quantlab.errors import QuantlabError
 from quantlab.histogram import Histogram
 
@@ -24,7 +26,7 @@ METHODS: dict[str, Callable[..., float]] = {
     "mse": mse.amax,
 }
 
-__all__ = ["METHODS", "calibrate", "compute_amax", "kl_curve"]
+__all__ = ["METHODS", "calibrate", "compute_amax", "kl_curve", "unquantizable"]
 
 
 def _method(method: str, options: Mapping) -> Callable[..., float]:
@@ -34,11 +36,18 @@ def _method(method: str, options: Mapping) -> Callable[..., float]:
     return METHODS[method]
 
 
+def _histogram(hist: Histogram, name: str | None) -> Histogram:
+    """`hist`, checked to be a Histogram; the error names the tensor when `name` is given."""
+    if not isinstance(hist, Histogram):
+        what = f"tensor {name!r}: " if name else ""
+        raise QuantlabError(f"{what}expected a quantlab Histogram, got {type(hist).__name__}")
+    return hist
+
+
 def _amax(hist: Histogram, func: Callable[..., float], options: Mapping, name: str | None) -> float:
     """amax of one histogram; every error and warning names the tensor (once) when `name` is given."""
     what = f"tensor {name!r}" if name else "histogram"
-    if not isinstance(hist, Histogram):
-        raise QuantlabError(f"{what + ': ' if name else ''}expected a quantlab Histogram, got {type(hist).__name__}")
+    _histogram(hist, name)
     if hist.total == 0 and (hist.nan_count or hist.inf_count):
         raise QuantlabError(f"{what} has only NaN/Inf values ({hist.nan_count} NaN, {hist.inf_count} Inf): no threshold")
     if hist.total == 0 or hist.amax == 0:
@@ -56,14 +65,31 @@ def compute_amax(hist: Histogram, method: str = "kl", **options) -> float:
     """amax of one histogram by `method` ("kl", "max", "percentile", "mse") with its options (docs/kl.md).
 
     An empty or all-zero histogram gives 0.0 with a warning; bad methods, options or histograms raise QuantlabError.
+    The threshold is finite for any histogram with a finite value, also where `unquantizable(hist)` says the tensor
+    is better left in float (`calibrate` leaves those out).
     """
     return _amax(hist, _method(method, options), options, None)
 
 
 def calibrate(histograms: Mapping[str, Histogram], method: str = "kl", **options) -> dict[str, float]:
-    """amax of every tensor of a histogram set (name -> amax, in the set's order)."""
+    """amax of every tensor of a histogram set (name -> amax, in the set's order) that INT8 can represent.
+
+    The others (`unquantizable`: no finite value, Inf values, a range set by a mask sentinel) get no threshold, so
+    that export leaves them in float; one warning names them, by reason. QuantlabError when no tensor is left.
+    """
     func = _method(method, options)
-    amaxes = {}
+    amaxes: dict[str, float] = {}
+    left_out: dict[str, list[str]] = {}
     for name, hist in histograms.items():  # a loop, not a comprehension: _amax's warnings point at our caller
-        amaxes[name] = _amax(hist, func, options, name)
+        reason = unquantizable(_histogram(hist, name))
+        if reason:
+            left_out.setdefault(reason, []).append(name)
+        else:
+            amaxes[name] = _amax(hist, func, options, name)
+    if left_out:
+        named = "; ".join(f"{', '.join(map(repr, names))} ({reason})" for reason, names in left_out.items())
+        if not amaxes:
+            raise QuantlabError(f"no tensor can be quantized: {named}")
+        count = sum(map(len, left_out.values()))
+        warnings.warn(f"{count} tensors left unquantized (no threshold): {named}", stacklevel=2)
     return amaxes
