@@ -113,7 +113,7 @@ def test_to_pandas_frames_hold_the_rows(histograms):
 
 
 def test_notebooks_are_committed_without_outputs():
-    expected = ["01_histograms.ipynb", "02_calibration_methods.ipynb", "03_drift.ipynb"]
+    expected = ["01_histograms.ipynb", "02_calibration_methods.ipynb", "03_drift.ipynb", "04_data_loaders.ipynb"]
     assert [path.name for path in NOTEBOOKS] == expected
     for path in NOTEBOOKS:
         notebook = nbformat.read(path, as_version=4)
