@@ -404,7 +404,7 @@ def build(
 @app.command()
 def drift(
     model: Path = typer.Argument(..., help="FP32 ONNX model."),
-    data: Path = typer.Option(..., "--data", "-d", help="Directory of input files (e.g. a held-out set)."),
+    data: str = typer.Option(..., "--data", "-d", metavar="PATH", help=f"The inputs to compare on (e.g. a held-out set). {DATA_HELP}"),
     thresholds: Optional[Path] = typer.Option(None, "--thresholds", help="Threshold file (.cache, .json, .flatbuffers) to build the INT8 model from."),
     qdq: Optional[Path] = typer.Option(None, "--qdq", help="An INT8 Q/DQ model to compare instead."),
     against: Optional[Path] = typer.Option(None, "--against", help="A second threshold file: per-layer SQNR of both side by side."),

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence, Sized
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 
 from quantlab.atomic import atomic_write
-from quantlab.data import Batch, CalibrationData
+from quantlab.data import Batch, CalibrationData, DataSource, open_data
 from quantlab.errors import QuantlabError, QuantlabRuntimeError, first_line, reading
 from quantlab.model import (
     ORT_LOG_SEVERITY,
@@ -222,7 +222,7 @@ class _PairedRunner(FP32Side):
 def measure_drift(
     model: str | Path,
     qdq_model: str | Path | onnx.ModelProto,
-    data: str | Path | CalibrationData | Iterable[Batch],
+    data: DataSource,
     *,
     labels: str | Path | np.ndarray | None = None,
     batch_size: int | None = None,
@@ -231,14 +231,15 @@ def measure_drift(
 ) -> DriftReport:
     """Drift of every observable tensor of `model` in its INT8 version `qdq_model`, over `data` (accumulated mode).
 
-    With `labels` (one integer class per sample, in data order) the report also holds top-1 accuracy of both.
+    `data` is anything `quantlab.data.open_data` takes (a directory, a loader script, a list, a generator, an ORT
+    CalibrationDataReader). With `labels` (one integer class per sample, in data order) the report also holds top-1
+    accuracy of both.
     """
     fp32 = load_model(model)
     qdq = qdq_model if isinstance(qdq_model, onnx.ModelProto) else load_model(qdq_model)
     runner = _PairedRunner(fp32, qdq)
-    if isinstance(data, (str, Path)):
-        data = CalibrationData(data, runner.inputs, batch_size=batch_size, limit=limit)
-    return paired_report(runner, model, data, labels=labels, progress=progress)
+    with open_data(data, runner.inputs, batch_size=batch_size, limit=limit, reread=False) as opened:
+        return paired_report(runner, model, opened, labels=labels, progress=progress)
 
 
 def paired_report(
@@ -256,7 +257,7 @@ def paired_report(
     expected = load_labels(labels)
     sums = {name: _Sums() for name in runner.mapping}
     top1 = {"fp32": 0, "int8": 0, "agree": 0}
-    samples, total = 0, len(data) if isinstance(data, Sized) else None
+    samples, total = 0, data.num_samples if isinstance(data, CalibrationData) else None
     for feed in data:
         reference, observed = runner.run(feed)
         for name, pair in sums.items():
@@ -352,7 +353,7 @@ def _layers(qdq: onnx.ModelProto) -> list[_Layer]:
 def measure_isolated(
     model: str | Path,
     qdq_model: str | Path | onnx.ModelProto,
-    data: str | Path | CalibrationData | Iterable[Batch],
+    data: DataSource,
     *,
     batch_size: int | None = None,
     limit: int | None = None,
@@ -370,19 +371,18 @@ def measure_isolated(
     needed = list(dict.fromkeys(name for layer in layers for name in (*layer.sources, layer.output)))
     reference_session = create_session(with_outputs(fp32, needed))
     fed = {spec.name for spec in input_specs(fp32)}
-    if isinstance(data, (str, Path)):
-        data = CalibrationData(data, input_specs(fp32), batch_size=batch_size, limit=limit)
     sums = [_Sums() for _ in layers]
     computed = [name for name in needed if name not in fed]
-    samples, total = 0, len(data) if isinstance(data, Sized) else None
-    for feed in data:
-        values = {**feed, **dict(zip(computed, run_session(reference_session, computed, feed)))}
-        for layer, piece, pair in zip(layers, pieces, sums):
-            (observed,) = run_session(piece, [layer.observed], {name: values[name] for name in layer.sources})
-            pair.add(values[layer.output], observed)
-        samples += len(next(iter(feed.values())))
-        if progress:
-            progress("isolated", samples, total)
+    samples = 0
+    with open_data(data, input_specs(fp32), batch_size=batch_size, limit=limit, reread=False) as opened:
+        for feed in opened:
+            values = {**feed, **dict(zip(computed, run_session(reference_session, computed, feed)))}
+            for layer, piece, pair in zip(layers, pieces, sums):
+                (observed,) = run_session(piece, [layer.observed], {name: values[name] for name in layer.sources})
+                pair.add(values[layer.output], observed)
+            samples += len(next(iter(feed.values())))
+            if progress:
+                progress("isolated", samples, opened.num_samples)
     if samples == 0:
         raise QuantlabError("the data holds no samples")
     results = [pair.result(layer.output, layer.op_type) for layer, pair in zip(layers, sums)]
@@ -425,7 +425,7 @@ def measure_final(
 def rank_sensitivity(
     model: str | Path,
     thresholds: Mapping[str, float],
-    data: CalibrationData | Sequence[Batch],
+    data: DataSource,
     *,
     labels: np.ndarray | None = None,
     weight_method: str = "max",
@@ -435,17 +435,18 @@ def rank_sensitivity(
 
     fp32 = load_model(model)
     layers = _layers(quantize_qdq(model, thresholds, weight_method=weight_method))
-    results = [
-        measure_final(fp32, quantize_qdq(model, thresholds, weight_method=weight_method, keep_fp32=[layer.node]), data, labels, [layer.node])
-        for layer in layers
-    ]
+    with open_data(data, input_specs(fp32)) as opened:  # read once per layer: a one-shot iterable is spilled
+        results = [
+            measure_final(fp32, quantize_qdq(model, thresholds, weight_method=weight_method, keep_fp32=[layer.node]), opened, labels, [layer.node])
+            for layer in layers
+        ]
     return sorted(results, key=lambda result: -result.sqnr_db)
 
 
 def propose_fp32(
     model: str | Path,
     thresholds: Mapping[str, float],
-    data: CalibrationData | Sequence[Batch],
+    data: DataSource,
     *,
     keep: int | None = None,
     target_sqnr: float | None = None,
@@ -462,13 +463,14 @@ def propose_fp32(
     if keep is not None and keep < 0:
         raise QuantlabError(f"--keep-fp32 must be >= 0, got {keep}")
     fp32 = load_model(model)
-    ranking = [result.kept_fp32[0] for result in rank_sensitivity(model, thresholds, data, labels=labels, weight_method=weight_method)]
-    steps = len(ranking) if keep is None else min(keep, len(ranking))
-    qdq = quantize_qdq(model, thresholds, weight_method=weight_method)
-    history = [measure_final(fp32, qdq, data, labels)]
-    for count in range(1, steps + 1):
-        if target_sqnr is not None and history[-1].sqnr_db >= target_sqnr:
-            break
-        qdq = quantize_qdq(model, thresholds, weight_method=weight_method, keep_fp32=ranking[:count])
-        history.append(measure_final(fp32, qdq, data, labels, ranking[:count]))
+    with open_data(data, input_specs(fp32)) as opened:  # read once per step: a one-shot iterable is spilled
+        ranking = [result.kept_fp32[0] for result in rank_sensitivity(model, thresholds, opened, labels=labels, weight_method=weight_method)]
+        steps = len(ranking) if keep is None else min(keep, len(ranking))
+        qdq = quantize_qdq(model, thresholds, weight_method=weight_method)
+        history = [measure_final(fp32, qdq, opened, labels)]
+        for count in range(1, steps + 1):
+            if target_sqnr is not None and history[-1].sqnr_db >= target_sqnr:
+                break
+            qdq = quantize_qdq(model, thresholds, weight_method=weight_method, keep_fp32=ranking[:count])
+            history.append(measure_final(fp32, qdq, opened, labels, ranking[:count]))
     return history, qdq

@@ -3,6 +3,7 @@ Runtime CalibrationDataReader. Each gives, bit for bit, the histograms of the .n
 
 from __future__ import annotations
 
+import json
 import re
 import tempfile
 import textwrap
@@ -13,7 +14,7 @@ import pytest
 from onnxruntime.quantization import CalibrationDataReader
 
 import quantlab
-from conftest import CALIB_DIR, DEMO_MODEL
+from conftest import CALIB_DIR, DEMO_MODEL, EVAL_INPUTS, EVAL_LABELS
 from models import save_multi_input_data, save_multi_input_model
 from quantlab.data import CalibrationData, save_data
 from quantlab.errors import QuantlabError
@@ -311,3 +312,38 @@ def test_progress_counts_samples_as_they_come(loader):
         ("ranges", 100, None), ("ranges", 200, None), ("ranges", 300, None), ("ranges", 320, 320),
         ("histograms", 20, 320), ("histograms", 120, 320), ("histograms", 220, 320), ("histograms", 320, 320),
     ]
+
+
+@pytest.fixture(scope="module")
+def int8_model(reference, tmp_path_factory):
+    return quantlab.export_qdq(DEMO_MODEL, quantlab.calibrate(reference, "kl"), tmp_path_factory.mktemp("qdq") / "int8.onnx")
+
+
+def test_drift_takes_every_form_and_reports_as_for_the_directory(reference, int8_model, tmp_path):
+    from quantlab.drift import measure_drift, measure_isolated, propose_fp32
+
+    samples = stored_samples(EVAL_INPUTS)
+    batches = np.split(samples, 9)  # as the files hold them: drift sums per batch, so the same batches give the same sums
+    labels = np.load(EVAL_LABELS)
+    accumulated = measure_drift(DEMO_MODEL, int8_model, EVAL_INPUTS, labels=labels).to_dict()
+    for data in (iter(batches), DigitsReader({"input": batch} for batch in batches)):
+        report = measure_drift(DEMO_MODEL, int8_model, data, labels=labels).to_dict()
+        assert report["layers"] == accumulated["layers"] and report["final"] == accumulated["final"]
+    isolated = measure_isolated(DEMO_MODEL, int8_model, EVAL_INPUTS).to_dict()["layers"]
+    assert measure_isolated(DEMO_MODEL, int8_model, [{"input": batch} for batch in batches]).to_dict()["layers"] == isolated
+    thresholds = quantlab.calibrate(reference, "kl")
+    steps, _ = propose_fp32(DEMO_MODEL, thresholds, EVAL_INPUTS, keep=1, labels=labels)
+    from_generator, _ = propose_fp32(DEMO_MODEL, thresholds, iter(batches), keep=1, labels=labels)  # read many times: spilled
+    assert from_generator == steps
+
+    script = tmp_path / "eval_loader.py"
+    script.write_text(f"import numpy as np\n\ndef load_data():\n    yield from np.load({str(tmp_path / 'eval.npy')!r})\n")
+    np.save(tmp_path / "eval.npy", samples)
+    reports = []
+    for data in (EVAL_INPUTS, script):
+        out = tmp_path / f"drift-{len(reports)}.json"
+        args = ["--qdq", str(int8_model), "--labels", str(EVAL_LABELS), "--batch-size", "50", "--json", str(out)]
+        result = run("drift", str(DEMO_MODEL), "--data", str(data), *args)  # the loader's samples batched as the files
+        assert result.returncode == 0, result.stderr
+        reports.append(json.loads(out.read_text()))
+    assert reports[1]["layers"] == reports[0]["layers"] and reports[1]["final"] == reports[0]["final"]
