@@ -171,8 +171,7 @@ def activation_tensors(model: onnx.ModelProto, types: dict[str, int] | None = No
     names = [name for name in dynamic if types.get(name) in FLOAT_TYPES]
     names.sort(key=[spec.name for spec in input_specs(model)].index)
     for node in model.graph.node:
-        has_subgraph = any(attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for attr in node.attribute)
-        if not has_subgraph and not any(name in dynamic for name in node.input if name):
+        if not _has_subgraph(node) and not any(name in dynamic for name in node.input if name):
             continue
         for name in node.output:
             if name:
@@ -180,6 +179,100 @@ def activation_tensors(model: onnx.ModelProto, types: dict[str, int] | None = No
                 if types.get(name) in FLOAT_TYPES:
                     names.append(name)
     return names
+
+
+# Ops whose output is drawn at random, not computed from their inputs: never folded into a constant.
+_RANDOM_OPS = frozenset(
+    {"Bernoulli", "Multinomial", "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike"}
+)
+
+
+def fold_constants(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """The model with those of the tensors `names` that it computes from constants alone stored as initializers.
+
+    A tensor is constant when it is an initializer or the output of a node of the default domain, without subgraphs
+    and not random, whose inputs are all constant: a Constant node, and Cast, Reshape, Transpose, ... chains of
+    constants (how PaddlePaddle and tf2onnx exports hold their weights). Each such tensor of `names` is evaluated once
+    with ONNX Runtime and keeps its name; the nodes that computed it are dropped where nothing else reads them. Tensors
+    that depend on a graph input are never touched, so every activation keeps its name and its producer.
+    """
+    nodes = list(model.graph.node)
+    constant, producer = {init.name for init in model.graph.initializer}, {}  # producer: tensor -> node index
+    for index, node in enumerate(nodes):
+        if _computes_constant(node, constant):
+            outputs = [name for name in node.output if name]
+            constant.update(outputs)
+            producer.update(dict.fromkeys(outputs, index))
+    targets = {producer[name] for name in names if name in producer}
+    folded = [name for index in sorted(targets) for name in nodes[index].output if name]
+    if not folded:
+        return model
+    values = _evaluate(model, folded, producer)
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    graph = result.graph
+    graph.initializer.extend(onnx.numpy_helper.from_array(value, name) for name, value in zip(folded, values))
+    kept = [index for index in range(len(nodes)) if index not in targets]
+    while True:  # drop the constant nodes that nothing reads any more, from the folded tensors' producers back
+        read = _names_read([nodes[index] for index in kept]) | {output.name for output in graph.output}
+        unread = set(producer) - read
+        dropped = {index for index in kept if {name for name in nodes[index].output if name} <= unread}
+        if not dropped:
+            break
+        kept = [index for index in kept if index not in dropped]
+    del graph.node[:]
+    graph.node.extend(nodes[index] for index in kept)
+    return result
+
+
+def _computes_constant(node: onnx.NodeProto, constant: set[str]) -> bool:
+    """Whether the node's outputs are constants: a deterministic default-domain op with only constant inputs."""
+    return (
+        node.domain in ("", "ai.onnx")
+        and node.op_type not in _RANDOM_OPS
+        and not _has_subgraph(node)
+        and all(name in constant for name in node.input if name)
+    )
+
+
+def _has_subgraph(node: onnx.NodeProto) -> bool:
+    """Whether the node runs a subgraph (If, Loop, Scan), which may read any tensor of the graph around it."""
+    return any(attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for attr in node.attribute)
+
+
+def _evaluate(model: onnx.ModelProto, names: list[str], producer: dict[str, int]) -> list[np.ndarray]:
+    """The values of the constant tensors `names` (`producer`: tensor -> index of its node): the nodes computing them,
+    alone, run in ONNX Runtime."""
+    needed, pending = set(), list(names)
+    while pending:
+        index = producer.get(pending.pop())
+        if index is not None and index not in needed:
+            needed.add(index)
+            pending.extend(name for name in model.graph.node[index].input if name)
+    nodes = [model.graph.node[index] for index in sorted(needed)]
+    read = {name for node in nodes for name in node.input}
+    graph = onnx.helper.make_graph(
+        nodes,
+        "constants",
+        [],
+        [onnx.ValueInfoProto(name=name) for name in names],
+        initializer=[init for init in model.graph.initializer if init.name in read],
+    )
+    opsets = list(model.opset_import)
+    ir_version = max(model.ir_version, onnx.helper.find_min_ir_version_for(opsets, ignore_unknown=True))
+    constants = onnx.helper.make_model(graph, opset_imports=opsets, ir_version=ir_version)
+    return run_session(create_session(constants), names, {})
+
+
+def _names_read(nodes: list[onnx.NodeProto]) -> set[str]:
+    """Every tensor name the nodes read, those read inside their subgraphs (If, Loop, Scan bodies) included."""
+    read = set()
+    for node in nodes:
+        read.update(node.input)
+        for attr in node.attribute:
+            for subgraph in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+                read |= _names_read(list(subgraph.node)) | {output.name for output in subgraph.output}
+    return read
 
 
 # Ops whose output holds exactly its first input's values, only rearranged: the same values, so the same histogram.
