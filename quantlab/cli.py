@@ -212,11 +212,12 @@ def show(
     hist = histograms[tensor]
     console.print(tensor_detail(tensor, hist))
     if plot is not None:
-        from quantlab.calibration import calibrate as calibrate_all
+        from quantlab.calibration import compute_amax
         from quantlab.formats import read_thresholds
         from quantlab.plots import plot_histogram, save_figure
 
-        marks = {method: calibrate_all({tensor: hist}, method)[tensor] for method in ("max", "kl", "percentile", "mse")}
+        # each method's threshold, also for a tensor calibrate leaves in float (see the histogram it would have had)
+        marks = {method: compute_amax(hist, method) for method in ("max", "kl", "percentile", "mse")}
         for path in thresholds or []:
             table = read_thresholds(path)
             if tensor not in table.amax:

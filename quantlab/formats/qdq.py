@@ -30,6 +30,11 @@ scale per channel the largest value of a channel rarely sits far from the rest, 
 and ModelOpt's default). `"mse"` picks, per channel, the amax in 0.25..1.0 x max|w| (steps of 0.01) with the least
 mean squared error after rounding, trading clipped outliers for finer steps.
 
+Models as exporters write them (`_prepared`): weights held in Constant nodes or computed from constants alone are
+folded into initializers, quantized per channel like the others; models below opset 13 are converted; float16 models
+go to opset 19 (float16 scales). The Q/DQ model keeps the FP32 model's graph outputs exactly (names, order, types,
+shapes), inputs passed through as outputs included.
+
 `keep_fp32` names nodes, by node name or by the name of one of their outputs (the drift report lists tensors), to
 leave in float: they get no Q/DQ on their inputs or weights, and read the float value of a tensor that other
 consumers read through Q/DQ.
@@ -42,8 +47,10 @@ by the quantized upstream layers. A quantized tensor `X` is read by its consumer
 
 from __future__ import annotations
 
+import copy
 import math
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -54,7 +61,7 @@ import onnx
 from quantlab.atomic import atomic_write, check_writable
 from quantlab.errors import QuantlabError, first_line
 from quantlab.formats import Thresholds
-from quantlab.model import activation_tensors, load_model
+from quantlab.model import activation_tensors, fold_constants, input_specs, load_model, tensor_types
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 # Ops through which a Q/DQ moves without changing any value when the zero point is 0.
@@ -62,6 +69,7 @@ COMMUTING_OPS = ("Relu", "MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze"
 WEIGHT_METHODS = ("max", "mse")
 QUANTIZABLE_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)  # what ONNX Runtime's quantizer quantizes
 MIN_OPSET = 13  # per-channel DequantizeLinear (its `axis` attribute) needs opset 13
+FLOAT16_OPSET = 19  # and float16 scales opset 19
 MSE_FRACTIONS = np.linspace(0.25, 1.0, 76)  # candidate amax as fractions of max|w| for weight_method="mse"
 
 
@@ -105,24 +113,26 @@ def quantize_qdq(
         raise QuantlabError(f"unknown weight method {weight_method!r} (known: {', '.join(WEIGHT_METHODS)})")
     amax = thresholds.amax if isinstance(thresholds, Thresholds) else Thresholds(dict(thresholds)).amax
     path = Path(model_path)
-    model = _with_min_opset(load_model(path), path)
+    fp32 = load_model(path)
+    outputs = copy.deepcopy(list(fp32.graph.output))
+    model = _prepared(fp32, path)
     excluded = _nodes_named(model, keep_fp32)
-    activations = activation_tensors(model)
-    placement = _placement(model, activations, excluded)
-    _check_thresholds(amax, activations, placement.ranged, path.name)
+    types = tensor_types(model)
+    activations = activation_tensors(model, types)
+    placement, excluded = _thresholded_placement(model, activations, excluded, amax, path)
 
-    ranges = {
-        name: TensorData(lowest=np.float32(-amax[name]), highest=np.float32(amax[name])) for name in placement.ranged
-    }
+    ranges = {}
+    for name in placement.ranged:  # float16 tensors get float16 scales, as their Q/DQ nodes need
+        dtype = np.float16 if types.get(name) == onnx.TensorProto.FLOAT16 else np.float32
+        ranges[name] = TensorData(lowest=dtype(-amax[name]), highest=dtype(amax[name]))
     options = {
         "ActivationSymmetric": True,
         "WeightSymmetric": True,
         "QuantizeBias": False,
         "QDQDisableWeightAdjustForInt32Bias": True,  # keep weight scales at amax / 127 exactly
         "OpTypesToExcludeOutputQuantization": list(WEIGHTED_OPS),
+        "TensorQuantOverrides": _weight_overrides(model, excluded, weight_method),
     }
-    if weight_method == "mse":
-        options["TensorQuantOverrides"] = _mse_overrides(model, excluded)
     quantizer = QDQQuantizer(
         model,
         per_channel=True,
@@ -151,7 +161,30 @@ def quantize_qdq(
     quantizer.model.topological_sort()
     qdq = quantizer.model.model
     _read_float_inputs(qdq.graph, excluded)
+    del qdq.graph.output[:]
+    qdq.graph.output.extend(outputs)  # every output as the FP32 model declares it, passed-through ones too
     return qdq
+
+
+def _prepared(fp32: onnx.ModelProto, path: Path) -> onnx.ModelProto:
+    """The model as ONNX Runtime's quantizer can take it, every activation tensor keeping its name.
+
+    The opset is raised to what the Q/DQ nodes need (`_with_min_opset`: 19 where a weighted op reads float16, for
+    float16 scales); weights computed from constants become initializers (`fold_constants`: the quantizer quantizes
+    initializers only); graph outputs that are graph inputs passed through are taken out (the quantizer would route a
+    quantized input's Q/DQ into a cycle through its own output; `quantize_qdq` puts every FP32 output back).
+    """
+    weighted_inputs = [name for node in fp32.graph.node if node.op_type in WEIGHTED_OPS for name in node.input if name]
+    reads_float16 = any(tensor_types(fp32).get(name) == onnx.TensorProto.FLOAT16 for name in weighted_inputs)
+    model = _with_min_opset(fp32, path, FLOAT16_OPSET if reads_float16 else MIN_OPSET)
+    model = fold_constants(model, weighted_inputs)
+    fed = {spec.name for spec in input_specs(model)}
+    computed = [output for output in model.graph.output if output.name not in fed]
+    if len(computed) < len(model.graph.output):
+        model = copy.deepcopy(model) if model is fp32 else model
+        del model.graph.output[:]
+        model.graph.output.extend(computed)
+    return model
 
 
 def fp32_names(qdq_model: onnx.ModelProto) -> dict[str, str]:
@@ -215,10 +248,45 @@ def _placement(model: onnx.ModelProto, activations: list[str], excluded: set[str
     return Placement(ranged, [name for name in ranged if name not in inputs], shared)
 
 
-def _check_thresholds(amax: dict[str, float], activations: list[str], needed: list[str], model_name: str) -> None:
-    """Every tensor to quantize has a finite threshold, and every threshold names an activation tensor."""
+def _thresholded_placement(
+    model: onnx.ModelProto, activations: list[str], excluded: set[str], amax: dict[str, float], path: Path
+) -> tuple[Placement, set[str]]:
+    """The placement and the nodes kept in float, for these thresholds.
+
+    A tensor to quantize without a threshold stays in float, with a warning naming it: calibrate leaves out the tensors
+    INT8 cannot represent (Inf values, a mask sentinel), as TensorRT keeps a tensor its cache lacks in float. The
+    weighted ops reading it stay in float too (ONNX Runtime's quantizer needs the ranges of all their inputs).
+    """
+    placement = _placement(model, activations, excluded)
+    missing = _check_thresholds(amax, activations, placement.ranged, path.name)
+    if not missing:
+        return placement, excluded
+    warnings.warn(
+        f"no threshold for {len(missing)} of the {len(placement.ranged)} tensors {path.name} quantizes, left in float:"
+        f" {', '.join(missing)}",
+        stacklevel=3,
+    )
+    weighted = [node for node in model.graph.node if node.op_type in WEIGHTED_OPS and node.name not in excluded]
+    readers = [node for node in weighted if set(node.input[:2]) & set(missing)]
+    unnamed = next((node for node in readers if not node.name), None)
+    if unnamed is not None:
+        tensor = next(name for name in unnamed.input[:2] if name in missing)
+        raise QuantlabError(
+            f"{path}: {tensor} has no threshold and the {unnamed.op_type} reading it has no name, so that node cannot"
+            " be kept in float"
+        )
+    excluded = excluded | {node.name for node in readers}
+    placement = _placement(model, activations, excluded)
+    ranged = [name for name in placement.ranged if name in amax]
+    residual = [name for name in placement.residual if name in amax]
+    return Placement(ranged, residual, [shared for shared in placement.shared if shared[1] in amax]), excluded
+
+
+def _check_thresholds(amax: dict[str, float], activations: list[str], needed: list[str], model_name: str) -> list[str]:
+    """The tensors to quantize that have no threshold. Thresholds for another model (that name tensors which are not
+    activation tensors, or none of those to quantize) and infinite thresholds are refused."""
     missing = [name for name in needed if name not in amax]
-    if missing:
+    if missing and len(missing) == len(needed):
         raise QuantlabError(
             f"no threshold for {len(missing)} of the {len(needed)} tensors {model_name} quantizes: {_few(missing)}"
             " (are the thresholds for another model?)"
@@ -229,9 +297,10 @@ def _check_thresholds(amax: dict[str, float], activations: list[str], needed: li
         raise QuantlabError(
             f"{len(unknown)} tensors in the thresholds are not activation tensors of {model_name}: {_few(unknown)}"
         )
-    infinite = [name for name in needed if not math.isfinite(amax[name])]
+    infinite = [name for name in needed if not math.isfinite(amax.get(name, 0.0))]
     if infinite:
         raise QuantlabError(f"infinite threshold for {len(infinite)} tensors to quantize: {_few(infinite)}")
+    return missing
 
 
 def _nodes_named(model: onnx.ModelProto, names: Sequence[str]) -> set[str]:
@@ -264,25 +333,38 @@ def _read_float_inputs(graph: onnx.GraphProto, excluded: set[str]) -> None:
                 node.input[i] = quantize.input[0]
 
 
-def _with_min_opset(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
-    """The model at opset `MIN_OPSET` or later, converted when older."""
-    opset = next((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), MIN_OPSET)
-    if opset >= MIN_OPSET:
+def _with_min_opset(model: onnx.ModelProto, path: Path, min_opset: int) -> onnx.ModelProto:
+    """The model at opset `min_opset` or later, converted when older (tensor names are kept), at an IR version that
+    opset allows (an IR 3 model must list every initializer as a graph input, which the converter and the Q/DQ
+    nodes' own initializers do not)."""
+    opset = next((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), min_opset)
+    others = [entry for entry in model.opset_import if entry.domain not in ("", "ai.onnx")]
+    ir_version = onnx.helper.find_min_ir_version_for(
+        [onnx.helper.make_opsetid("", max(opset, min_opset)), *others], ignore_unknown=True
+    )
+    if model.ir_version < ir_version:
+        model = copy.deepcopy(model)
+        model.ir_version = ir_version
+    if opset >= min_opset:
         return model
     try:
-        return onnx.version_converter.convert_version(model, MIN_OPSET)
+        return onnx.version_converter.convert_version(model, min_opset)
     except Exception as exc:  # the converter raises RuntimeError, ValueError, ...: all mean "cannot convert"
         raise QuantlabError(
-            f"{path}: opset {opset} is too old for per-channel Q/DQ and converting it to {MIN_OPSET} failed"
+            f"{path}: opset {opset} is too old for per-channel Q/DQ and converting it to {min_opset} failed"
             f" ({first_line(exc)})"
         ) from None
 
 
-def _weight_axis(node: onnx.NodeProto) -> int:
-    """The output-channel axis of a weighted op's weight (input 1), as ONNX Runtime's quantizer uses it."""
+def _weight_axis(node: onnx.NodeProto, rank: int) -> int | None:
+    """The output-channel axis of a weighted op's weight (input 1) of that rank, as ONNX Runtime's quantizer uses it;
+    None for a MatMul weight that is not a matrix, quantized per tensor: ONNX Runtime's INT8 MatMul kernels take a
+    batched (3-D or more) weight only with one scale, and a vector has a single output channel."""
     if node.op_type == "Gemm":
         return 0 if any(attr.name == "transB" and attr.i for attr in node.attribute) else 1
-    return {"Conv": 0, "ConvTranspose": 1, "MatMul": 1}[node.op_type]
+    if node.op_type == "MatMul":
+        return 1 if rank == 2 else None
+    return {"Conv": 0, "ConvTranspose": 1}[node.op_type]
 
 
 def _mse_amax(weight: np.ndarray, axis: int) -> np.ndarray:
@@ -299,18 +381,23 @@ def _mse_amax(weight: np.ndarray, axis: int) -> np.ndarray:
     return best
 
 
-def _mse_overrides(model: onnx.ModelProto, excluded: set[str]) -> dict[str, list[dict]]:
-    """ONNX Runtime `TensorQuantOverrides` giving each weight of a quantized weighted op its per-channel MSE range."""
+def _weight_overrides(model: onnx.ModelProto, excluded: set[str], weight_method: str) -> dict[str, list[dict]]:
+    """ONNX Runtime `TensorQuantOverrides` for the weights of the quantized weighted ops: the one range of a weight
+    quantized per tensor (`_weight_axis`), and with `weight_method="mse"` each channel's MSE range."""
     weights = {init.name: init for init in model.graph.initializer}
     overrides = {}
     for node in model.graph.node:
         if node.op_type not in WEIGHTED_OPS or node.name in excluded or node.input[1] not in weights:
             continue
         weight = onnx.numpy_helper.to_array(weights[node.input[1]])
-        axis = _weight_axis(node)
-        channels = [{"rmin": -float(a), "rmax": float(a)} for a in _mse_amax(weight, axis)]
-        channels[0]["axis"] = axis
-        overrides[node.input[1]] = channels
+        axis = _weight_axis(node, weight.ndim)
+        if axis is None:
+            (amax,) = _mse_amax(weight.reshape(1, -1), 0) if weight_method == "mse" else [np.abs(weight).max()]
+            overrides[node.input[1]] = [{"rmin": -float(amax), "rmax": float(amax)}]
+        elif weight_method == "mse":
+            channels = [{"rmin": -float(a), "rmax": float(a)} for a in _mse_amax(weight, axis)]
+            channels[0]["axis"] = axis
+            overrides[node.input[1]] = channels
     return overrides
 
 
