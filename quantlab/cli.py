@@ -344,13 +344,18 @@ def export(
     out: Path = typer.Option(Path("model.qdq.onnx"), "--out", "-o", help="Q/DQ ONNX model to write."),
     weights: str = typer.Option("max", "--weights", help="Per-channel weight amax: max or mse."),
     keep_fp32: Optional[list[str]] = typer.Option(None, "--keep-fp32", help="Node (or output tensor) names to leave in FP32."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", metavar="PATH", help=f"Inputs whose first sample ONNX Runtime runs the model on before it is written (default: the directory the thresholds' histograms were collected from, else a sample synthesized from the input shapes). {DATA_HELP}"),
 ) -> None:
     """Explicit quantization: write the Q/DQ model (symmetric int8) for TensorRT 10-11 and ONNX Runtime."""
+    from quantlab.atomic import check_writable
     from quantlab.formats import read_thresholds
-    from quantlab.formats.qdq import export_qdq
+    from quantlab.formats.qdq import check_sample, export_qdq
 
-    written = export_qdq(model, read_thresholds(thresholds), out, weight_method=weights, keep_fp32=_split_patterns(keep_fp32) or ())
-    _console().print(f"wrote {written}")
+    check_writable(out)
+    table = read_thresholds(thresholds)
+    sample = check_sample(model, table, data)
+    written = export_qdq(model, table, out, weight_method=weights, keep_fp32=_split_patterns(keep_fp32) or (), data=sample)
+    _console().print(f"wrote {written} (ONNX Runtime ran it on {sample.source})", soft_wrap=True)
 
 
 def _int8_model(model: Path, thresholds: Optional[Path], qdq: Optional[Path], weights: str):

@@ -50,6 +50,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -59,9 +60,18 @@ import numpy as np
 import onnx
 
 from quantlab.atomic import atomic_write, check_writable
-from quantlab.errors import QuantlabError, first_line
+from quantlab.data import DataSource, open_data
+from quantlab.errors import QuantlabError, QuantlabRuntimeError, first_line
 from quantlab.formats import Thresholds
-from quantlab.model import activation_tensors, fold_constants, input_specs, load_model, tensor_types
+from quantlab.model import (
+    InputSpec,
+    activation_tensors,
+    create_session,
+    fold_constants,
+    input_specs,
+    load_model,
+    tensor_types,
+)
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 # Ops through which a Q/DQ moves without changing any value when the zero point is 0.
@@ -70,6 +80,9 @@ WEIGHT_METHODS = ("max", "mse")
 QUANTIZABLE_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)  # what ONNX Runtime's quantizer quantizes
 MIN_OPSET = 13  # per-channel DequantizeLinear (its `axis` attribute) needs opset 13
 FLOAT16_OPSET = 19  # and float16 scales opset 19
+SYNTHETIC_DIM = 32  # the size a synthesized sample gives a dynamic dim other than the batch dim
+# Where ONNX Runtime names the node in its load and run errors: "... node. Name:'conv'", "in node (conv)", "Node (conv)".
+_ORT_NODE_PATTERNS = (r"Name:'([^']+)'", r"[Nn]ode \(([^)]+)\)")
 MSE_FRACTIONS = np.linspace(0.25, 1.0, 76)  # candidate amax as fractions of max|w| for weight_method="mse"
 
 
@@ -81,6 +94,13 @@ class Placement(NamedTuple):
     shared: list[tuple[str, str, str]]  # (weighted-op output, quantized tensor whose scale it takes, its consumer)
 
 
+class Sample(NamedTuple):
+    """One feed to run an exported model on, and where it comes from (for messages)."""
+
+    feed: dict[str, np.ndarray]
+    source: str
+
+
 def export_qdq(
     model_path: str | os.PathLike,
     thresholds: Thresholds | Mapping[str, float],
@@ -88,13 +108,101 @@ def export_qdq(
     *,
     weight_method: str = "max",
     keep_fp32: Sequence[str] = (),
+    data: DataSource | Sample | None = None,
 ) -> Path:
-    """Write the Q/DQ model of `model_path` (see `quantize_qdq`) to `out_path` atomically; returns `out_path`."""
+    """Write the Q/DQ model of `model_path` (see `quantize_qdq`) to `out_path`; returns `out_path`.
+
+    Only a model ONNX Runtime loads and runs on one sample is written (`data`: what `quantlab.data.open_data` takes,
+    or a `Sample`; see `check_sample`); otherwise a one-line `QuantlabRuntimeError` names the node that failed, and nothing is written.
+    The write is atomic, so a previous file at `out_path` stays as it was until the new model has passed.
+    """
     out = check_writable(out_path)
     model = quantize_qdq(model_path, thresholds, weight_method=weight_method, keep_fp32=keep_fp32)
+    sample = data if isinstance(data, Sample) else check_sample(model_path, thresholds, data)
+    _check_runs(model, model_path, sample, out)
     with atomic_write(out) as handle:
         handle.write(model.SerializeToString())
     return out
+
+
+def check_sample(
+    model_path: str | os.PathLike, thresholds: Thresholds | Mapping[str, float], data: DataSource | None = None
+) -> Sample:
+    """The sample `export_qdq` runs the Q/DQ model on: the first of `data` (a directory, a loader script, feeds: what
+    `quantlab.data.open_data` takes); without it, the first of the directory the thresholds' histograms were collected from, where that is still there and fits the model;
+    else one synthesized from the input specs (a dynamic batch dim 1, other dynamic dims `SYNTHETIC_DIM`; floats
+    drawn from a fixed normal distribution, integers and booleans 0)."""
+    specs = input_specs(load_model(model_path))
+    if data is not None:
+        return _first_sample(data, specs)
+    recorded = _recorded_data_directory(thresholds)
+    if recorded is not None:
+        try:
+            return _first_sample(recorded, specs)
+        except QuantlabError:  # the data no longer fits this model: a synthesized sample serves instead
+            pass
+    rng = np.random.default_rng(0)
+    feed = {}
+    for spec in specs:
+        shape = [
+            dim if isinstance(dim, int) else 1 if axis == 0 and spec.has_batch_dim else SYNTHETIC_DIM
+            for axis, dim in enumerate(spec.shape)
+        ]
+        floating = np.issubdtype(spec.dtype, np.floating)
+        feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype) if floating else np.zeros(shape, spec.dtype)
+    return Sample(feed, "a sample synthesized from the input shapes (--data DIR gives a real one)")
+
+
+def _first_sample(data: DataSource, specs: list[InputSpec]) -> Sample:
+    """The first sample of `data`, read alone (a loader stops there)."""
+    with open_data(data, specs, reread=False) as opened:
+        return Sample(opened.first_sample(), f"the first sample of {opened.source}")
+
+
+def _recorded_data_directory(thresholds: Thresholds | Mapping[str, float]) -> Path | None:
+    """The data directory that the histograms the thresholds were calibrated from were collected over, if it exists."""
+    from quantlab.histogram import load_histograms
+
+    source = thresholds.metadata.get("source") if isinstance(thresholds, Thresholds) else None
+    histograms = Path(source["histograms"]) if isinstance(source, dict) and source.get("histograms") else None
+    if histograms is None or not histograms.is_file():
+        return None
+    try:
+        directory = load_histograms(histograms).metadata.get("data", {}).get("directory")
+    except QuantlabError:
+        return None
+    return Path(directory) if directory and Path(directory).is_dir() else None
+
+
+def _check_runs(qdq: onnx.ModelProto, model_path: str | os.PathLike, sample: Sample, out: Path) -> None:
+    """ONNX Runtime loads the Q/DQ model and runs it on the sample; if it cannot, a one-line error names the node that
+    failed, unless the FP32 model fails on that sample too (then the sample is the problem)."""
+    try:
+        create_session(qdq).run(None, sample.feed)
+        return
+    except Exception as exc:  # a load failure (QuantlabError) or any error ONNX Runtime raises while running
+        failure = first_line(exc)
+    try:
+        create_session(load_model(model_path)).run(None, sample.feed)
+    except Exception as exc:
+        raise QuantlabError(
+            f"{model_path}: the FP32 model does not run on {sample.source} either ({first_line(exc)}), so the Q/DQ"
+            " model cannot be checked; give --data DIR with inputs the model takes"
+        ) from None
+    op_types = {node.name: node.op_type for node in qdq.graph.node if node.name}
+    named = [name for pattern in _ORT_NODE_PATTERNS for name in re.findall(pattern, failure) if name in op_types]
+    failed = f"node {named[0]} ({op_types[named[0]]})" if named else "it"
+    raise QuantlabRuntimeError(
+        f"{out} not written: ONNX Runtime cannot run the Q/DQ model on {sample.source}: {failed} failed:"
+        f" {_ort_reason(failure)}; keep that node, or the layers that feed it, in FP32 with --keep-fp32 NODE"
+    )
+
+
+def _ort_reason(message: str) -> str:
+    """The cause in an ONNX Runtime error message, without its status prefix, source location or C++ signature."""
+    reason = message.split("Status Message: ", 1)[-1]
+    reason = re.sub(r"^\S+\.(?:cc|cpp|h):\d+ (?:.*?\) (?:const )?)?", "", reason)
+    return reason.split(" was false. ", 1)[-1]
 
 
 def quantize_qdq(
