@@ -28,6 +28,7 @@ from quantlab.atomic import atomic_write
 from quantlab.data import Batch, CalibrationData, DataSource, open_data
 from quantlab.errors import QuantlabError, QuantlabRuntimeError, first_line, reading
 from quantlab.model import (
+    FLOAT_TYPES,
     ORT_LOG_SEVERITY,
     activation_tensors,
     create_session,
@@ -53,6 +54,42 @@ class TensorDrift:
     rel_err: float
     max_abs_err: float
     values: int
+
+
+@dataclass
+class OutputMatch:
+    """A graph output that is not float (token ids, a mask, class indices), compared value for value; or, where it
+    cannot be compared (not a tensor, or the INT8 side does not produce it), the reason it is skipped."""
+
+    name: str
+    dtype: str
+    values: int = 0
+    mismatches: int = 0
+    skipped: str = ""
+
+    def describe(self) -> str:
+        if self.skipped:
+            return f"output {self.name}: not compared ({self.skipped})"
+        if self.mismatches:
+            return f"output {self.name} ({self.dtype}): {self.mismatches:,} of {self.values:,} values differ"
+        return f"output {self.name} ({self.dtype}): exact ({self.values:,} values)"
+
+
+class _Matches:
+    """Running count of the values in which two non-float tensors differ."""
+
+    def __init__(self, dtype: np.dtype) -> None:
+        self.dtype = str(dtype)
+        self.values = self.mismatches = 0
+
+    def add(self, reference: np.ndarray, observed: np.ndarray) -> None:
+        if reference.shape != observed.shape:
+            raise QuantlabRuntimeError(f"shape mismatch between FP32 {reference.shape} and INT8 {observed.shape} tensors")
+        self.mismatches += int(np.count_nonzero(reference != observed))
+        self.values += reference.size
+
+    def result(self, name: str) -> OutputMatch:
+        return OutputMatch(name, self.dtype, self.values, self.mismatches)
 
 
 class _Sums:
@@ -114,12 +151,13 @@ class DriftReport:
         return drift_frame(self)
 
     def to_dict(self) -> dict[str, Any]:
+        records = ("outputs", "other_outputs")
         return {
             "metadata": self.metadata,
             "layers": [_finite(asdict(layer)) for layer in self.worst_first()],
             "final": {
-                "outputs": [_finite(asdict(o)) for o in self.final["outputs"]],
-                **{k: v for k, v in self.final.items() if k != "outputs"},
+                **{key: [_finite(asdict(o)) for o in self.final.get(key, [])] for key in records},
+                **{k: v for k, v in self.final.items() if k not in records},
             },
         }
 
@@ -166,8 +204,9 @@ def observable_tensors(fp32_names: Sequence[str], int8_graph: onnx.ModelProto) -
 
 class FP32Side:
     """The FP32 half of a paired runner (ONNX Runtime's below, TensorRT's in backends): the model's `inputs`,
-    `outputs` and `ops`, its `activations` (computed tensors, to pair), and, once `pair` is given the `mapping` FP32
-    tensor -> the tensor compared with it, an ONNX Runtime session that exposes them."""
+    `outputs` (every graph output, whatever its type) and `ops`, its `activations` (computed tensors, to pair), and,
+    once `pair` is given the `mapping` FP32 tensor -> the tensor compared with it, an ONNX Runtime session that
+    exposes them."""
 
     def __init__(self, fp32: onnx.ModelProto) -> None:
         self.model = fp32
@@ -178,13 +217,13 @@ class FP32Side:
         self.outputs = [output.name for output in fp32.graph.output]
         self.ops = producers(fp32)
 
-    def pair(self, mapping: dict[str, str], other: str) -> None:
-        """Keep `mapping` and open the FP32 session; `other` names the INT8 side in the error for a missing output."""
-        missing = [name for name in self.outputs if name not in mapping]
-        if missing:
-            raise QuantlabError(f"the {other} does not produce the FP32 model's output(s) {', '.join(missing)}")
-        self.mapping = mapping
-        self.fp32 = create_session(with_outputs(self.model, list(mapping), self.types))
+    def pair(self, mapping: dict[str, str], other: str, produced: set[str]) -> None:
+        """Keep `mapping`, with each graph output paired with the INT8 side's output of that name where that side
+        produces it (`produced`: its tensors; `other` names it in `unpaired`, the reason for each output it lacks),
+        and open the FP32 session."""
+        self.mapping = {**mapping, **{name: name for name in self.outputs if name in produced}}
+        self.unpaired = {name: f"the {other} does not produce it" for name in self.outputs if name not in produced}
+        self.fp32 = create_session(with_outputs(self.model, list(self.mapping), self.types))
 
     def reference(self, feed: Batch) -> dict[str, np.ndarray]:
         """The FP32 values of the paired tensors."""
@@ -201,7 +240,8 @@ class _PairedRunner(FP32Side):
         super().__init__(fp32)
         with tempfile.TemporaryDirectory() as tmp:
             int8_graph = _int8_graph(qdq, Path(tmp))
-        self.pair(observable_tensors(self.activations, int8_graph), "INT8 model")
+        produced = {output.name for output in int8_graph.graph.output}
+        self.pair(observable_tensors(self.activations, int8_graph), "INT8 model", produced)
         exposed = onnx.ModelProto()
         exposed.CopyFrom(int8_graph)
         declared = {output.name for output in exposed.graph.output}
@@ -251,27 +291,45 @@ def paired_report(
     progress=None,
 ) -> DriftReport:
     """The accumulated report of any paired runner: `runner.run(feed)` gives (FP32, INT8) tensors keyed by FP32 name,
-    `runner.mapping` the observed names, `runner.outputs` the model outputs, `runner.ops` their op types. ONNX
-    Runtime's runner is `_PairedRunner`; the TensorRT backend has its own.
+    `runner.mapping` the observed names, `runner.outputs` the model outputs (`runner.unpaired`: those the INT8 side
+    lacks, with the reason), `runner.ops` their op types, `runner.types` their element types. ONNX Runtime's runner
+    is `_PairedRunner`; the TensorRT backend has its own.
+
+    Float tensors get the metrics; graph outputs of other types (token ids, masks, indices) are compared value for
+    value (`final["other_outputs"]`, with the outputs that could not be compared and why). Top-1 is taken from the
+    first float output.
     """
     expected = load_labels(labels)
-    sums = {name: _Sums() for name in runner.mapping}
+    top1_output = _first_float_output(runner.outputs, runner.types) if expected is not None else None
+    pairs: dict[str, _Sums | _Matches | str] = {}
     top1 = {"fp32": 0, "int8": 0, "agree": 0}
     samples, total = 0, data.num_samples if isinstance(data, CalibrationData) else None
     for feed in data:
         reference, observed = runner.run(feed)
-        for name, pair in sums.items():
-            pair.add(reference[name], observed[name])
+        for name in runner.mapping:
+            pair = pairs.setdefault(name, _comparison(reference[name], observed[name]))
+            if not isinstance(pair, str):
+                pair.add(reference[name], observed[name])
         batch = len(next(iter(feed.values())))
-        if expected is not None:
-            _count_top1(top1, reference[runner.outputs[0]], observed[runner.outputs[0]], expected, samples, batch)
+        if top1_output is not None:
+            _count_top1(top1, reference[top1_output], observed[top1_output], expected, samples, batch)
         samples += batch
         if progress:
             progress("drift", samples, total)
     if samples == 0:
         raise QuantlabError("the data holds no samples")
-    results = {name: pair.result(name, runner.ops.get(name, "?")) for name, pair in sums.items()}
-    final: dict[str, Any] = {"outputs": [results[name] for name in runner.outputs], "samples": samples}
+    skipped = {**runner.unpaired, **{name: pair for name, pair in pairs.items() if isinstance(pair, str)}}
+    results = {name: OutputMatch(name, _type_name(runner.types.get(name)), skipped=reason) for name, reason in skipped.items()}
+    for name, pair in pairs.items():
+        if isinstance(pair, _Sums):
+            results[name] = pair.result(name, runner.ops.get(name, "?"))
+        elif isinstance(pair, _Matches):
+            results[name] = pair.result(name)
+    final: dict[str, Any] = {
+        "outputs": [results[name] for name in runner.outputs if isinstance(results[name], TensorDrift)],
+        "other_outputs": [results[name] for name in runner.outputs if isinstance(results[name], OutputMatch)],
+        "samples": samples,
+    }
     if expected is not None:
         if expected.size != samples:
             raise QuantlabError(f"{expected.size} labels for {samples} samples")
@@ -280,6 +338,31 @@ def paired_report(
         final["top1_agreement"] = top1["agree"] / samples
     layers = [results[name] for name in runner.mapping if name not in runner.outputs]
     return DriftReport(layers, final, {"mode": "accumulated", "model": str(model), "samples": samples})
+
+
+def _comparison(reference: Any, observed: Any) -> _Sums | _Matches | str:
+    """How to compare a tensor pair: metrics for float tensors, value for value for others; for values that are not
+    tensors (the sequences and maps some graph outputs hold), the reason they are not compared."""
+    if not (isinstance(reference, np.ndarray) and isinstance(observed, np.ndarray)):
+        return "not a tensor"
+    return _Sums() if np.issubdtype(reference.dtype, np.floating) else _Matches(reference.dtype)
+
+
+def _type_name(elem_type: int | None) -> str:
+    """NumPy's name of an ONNX element type ("?" where unknown)."""
+    try:
+        return str(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)))
+    except (KeyError, TypeError, ValueError):
+        return "?"
+
+
+def _first_float_output(outputs: Sequence[str], types: Mapping[str, int]) -> str:
+    """The first graph output of a float type: final SQNR and top-1 are taken from it (a model may return its integer
+    token ids or a mask first)."""
+    for name in outputs:
+        if types.get(name) in FLOAT_TYPES:
+            return name
+    raise QuantlabError("the model has no float output to take the final SQNR or top-1 from")
 
 
 def load_labels(labels: str | Path | np.ndarray | None) -> np.ndarray | None:
@@ -406,9 +489,10 @@ def measure_final(
     labels: np.ndarray | None = None,
     kept_fp32: Sequence[str] = (),
 ) -> FinalDrift:
-    """SQNR of the first output (and top-1) of a Q/DQ model against the FP32 model, both run as they are."""
+    """SQNR of the first float output (and top-1) of a Q/DQ model against the FP32 model, both run as they are."""
     fp32, int8 = create_session(fp32_model), create_session(qdq_model)
-    output = fp32_model.graph.output[0].name
+    declared = {output.name: output.type.tensor_type.elem_type for output in fp32_model.graph.output}
+    output = _first_float_output(list(declared), declared)
     pair, top1, samples = _Sums(), {"fp32": 0, "int8": 0, "agree": 0}, 0
     for feed in data:
         (reference,) = run_session(fp32, [output], feed)

@@ -111,6 +111,7 @@ def drift_html(report: DriftReport, max_rows: int = MAX_ROWS) -> str:
         f"final {html.escape(o.name)}: SQNR {_span(f'{o.sqnr_db:.2f}', _severity(o.sqnr_db))} dB, cosine {o.cosine:.6f}"
         for o in final["outputs"]
     ]
+    notes += [html.escape(other.describe()) for other in final.get("other_outputs", [])]
     if "top1_fp32" in final:
         notes.append(
             f"top-1 FP32 {final['top1_fp32']:.2%}, INT8 {final['top1_int8']:.2%}, "

@@ -107,6 +107,7 @@ def drift_table(report, title: str = "per-layer drift, worst first") -> Table:
         )
     final = report.final
     lines = [f"final {o.name}: SQNR {o.sqnr_db:.2f} dB, cosine {o.cosine:.6f}" for o in final["outputs"]]
+    lines += [other.describe() for other in final.get("other_outputs", [])]
     if "top1_fp32" in final:
         lines.append(
             f"top-1 FP32 {final['top1_fp32']:.2%}  INT8 {final['top1_int8']:.2%}  "

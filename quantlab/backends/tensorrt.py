@@ -259,7 +259,8 @@ class TensorRTPairedRunner(FP32Side):
             trt, engine_model, list(targets.values()), cache_path=cache_path, fp16=fp16,
             layer_precisions=layer_precisions, input_shapes=input_shapes, workspace_mb=workspace_mb,
         )
-        self.pair({name: target for name, target in targets.items() if target in self._engine.marked}, "TensorRT engine")
+        marked = set(self._engine.marked)
+        self.pair({name: target for name, target in targets.items() if target in marked}, "TensorRT engine", marked)
 
     def run(self, feed: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         reference = self.reference(dict(feed))
