@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -45,6 +46,9 @@ ACTIVATION_BUDGET = 4 << 20
 # ... unless the whole data set's activations fit in this many bytes: then it is one batch, which runs only once (the
 # histogram pass bins the range pass's last batch without running it again), and that saves more than the cache costs.
 ONE_BATCH_BUDGET = 16 << 20
+# Threads that count a batch's tensors (while ONNX Runtime waits): measured on the real-model set on 2 cores, 2 lanes
+# bin PP-OCRv4 rec and det 20-28% faster than one; on 16 cores 4 lanes gain 5-15% more and 8 nothing.
+MAX_BINNING_LANES = 4
 MAX_BINS = 65536  # |x| bins; beyond, float32 edges over a small range are too close to be of any use
 
 
@@ -238,7 +242,8 @@ def _collect(
     # Values are checked against ranges measured in another read: over other data, or a loader's earlier run, whose
     # values may differ (the binning takes values within the range only).
     checker = seen if measuring else TensorRanges(runner.measured) if data.reruns else None
-    workspace = Workspace()
+    lanes = _BinningLanes(min(MAX_BINNING_LANES, _usable_cores()))
+    workspace = lanes.workspaces[0]
     buffer = _buffer_size(len(runner.measured), 8)
     # A Relu output with its input's range has its input's edges and counts, the negative ones moved to the bin of 0:
     # derived after the pass rather than binned (in a CNN, the Relu outputs hold half the values).
@@ -269,11 +274,16 @@ def _collect(
                 if data.reruns:
                     raise reads_differ(data.source, f"other values in this run than in an earlier one ({found})")
                 raise QuantlabError(f"{found}, beyond the given ranges: collect the ranges over the same data")
-        for i, values in enumerate(batch):
-            if binners[i] is not None:
-                binners[i].add(values[np.isfinite(values)] if nonfinite[i] else values)
+        def count(members: list[int]) -> None:
+            for i in members:
+                binners[i].add(batch[i][np.isfinite(batch[i])] if nonfinite[i] else batch[i])
 
-    samples = _run_pass(runner, data, "histograms", progress, add, last)
+        lanes.run(count, [i for i, binner in enumerate(binners) if binner is not None], batch, binners)
+
+    try:
+        samples = _run_pass(runner, data, "histograms", progress, add, last)
+    finally:
+        lanes.close()
     if samples == 0:
         raise QuantlabError("the calibration data holds no samples")
     counted = {}
@@ -295,6 +305,47 @@ def _collect(
         **_metadata(model, runner, data, samples, started),
     }
     return HistogramSet(histograms, metadata)
+
+
+def _usable_cores() -> int:
+    """Cores this process may run on (its affinity where the OS tells it, as under taskset or a container's cpuset)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class _BinningLanes:
+    """Bins a batch's tensors in `threads` threads, each with its own work arrays. Inference and binning take turns,
+    so while the tensors of a batch are counted ONNX Runtime's threads are idle: the cores are free for NumPy, whose
+    counting loops release the GIL. Tensors go to lanes by size at the first batch (largest first, to the lane with the
+    fewest values), so the lanes finish together."""
+
+    def __init__(self, threads: int) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.workspaces = [Workspace() for _ in range(max(1, threads))]
+        self.pool = ThreadPoolExecutor(len(self.workspaces) - 1) if len(self.workspaces) > 1 else None
+        self.members: list[list[int]] | None = None
+
+    def run(self, count: Callable[[list[int]], None], binned: list[int], batch: list[np.ndarray], binners: list) -> None:
+        """`count(members)` for each lane's members of `binned` (indices into `batch` and `binners`), lanes at once."""
+        if self.pool is None:
+            count(binned)
+            return
+        if self.members is None:
+            self.members = [[] for _ in self.workspaces]
+            load = [0] * len(self.workspaces)
+            for i in sorted(binned, key=lambda i: -batch[i].size):
+                lane = load.index(min(load))
+                self.members[lane].append(i)
+                load[lane] += batch[i].size
+                binners[i].workspace = self.workspaces[lane]
+        futures = [self.pool.submit(count, members) for members in self.members[1:]]
+        count(self.members[0])
+        for future in futures:
+            future.result()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
 
 
 def _check_shard_ranges(shard_ranges: TensorRanges, ranges: TensorRanges) -> TensorRanges:

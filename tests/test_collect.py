@@ -229,3 +229,12 @@ def test_fold_gives_the_abs_histogram(demo_activations, demo_histograms):
         distance = np.minimum(absolute - edges[right - 1], edges[right] - absolute)
         on_edge = np.count_nonzero(np.abs(distance) <= 4 * np.spacing(absolute))
         assert np.abs(np.cumsum(folded.counts) - np.cumsum(expected)).max() <= on_edge, name
+
+
+@pytest.mark.parametrize("lanes", [1, 3])
+def test_binning_lanes_give_the_same_exact_histograms(demo_histograms, demo_activations, monkeypatch, lanes):
+    """Tensors binned in several threads, each with its own work arrays, count exactly what one thread counts."""
+    monkeypatch.setattr(collection, "MAX_BINNING_LANES", lanes)
+    monkeypatch.setattr(collection, "_usable_cores", lambda: 8)
+    histograms = quantlab.collect(DEMO_MODEL, CALIB_DIR, batch_size=16)
+    assert_exact(histograms, demo_activations)
