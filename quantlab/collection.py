@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import os
+import functools
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -22,6 +22,7 @@ from quantlab.binning import ExactBins, Workspace
 from quantlab.data import Batch, CalibrationData, DataSource, Progress, feed_samples, open_data, reads_differ
 from quantlab.errors import QuantlabError, QuantlabInterrupted
 from quantlab.histogram import Histogram, HistogramSet
+from quantlab.lanes import Lanes
 from quantlab.ranges import TensorRanges
 from quantlab.model import (
     activation_tensors,
@@ -46,9 +47,6 @@ ACTIVATION_BUDGET = 4 << 20
 # ... unless the whole data set's activations fit in this many bytes: then it is one batch, which runs only once (the
 # histogram pass bins the range pass's last batch without running it again), and that saves more than the cache costs.
 ONE_BATCH_BUDGET = 16 << 20
-# Threads that count a batch's tensors (while ONNX Runtime waits): measured on the real-model set on 2 cores, 2 lanes
-# bin PP-OCRv4 rec and det 20-28% faster than one; on 16 cores 4 lanes gain 5-15% more and 8 nothing.
-MAX_BINNING_LANES = 4
 MAX_BINS = 65536  # |x| bins; beyond, float32 edges over a small range are too close to be of any use
 
 
@@ -176,9 +174,9 @@ def collect_ranges(
 ) -> TensorRanges:
     """The range pass alone: per-tensor min, max and counts over the data (or one shard of it)."""
     started = time.perf_counter()
-    with _open(model, data, tensors, threads, batch_size, limit, shard, passes=1) as (runner, data):
+    with _open(model, data, tensors, threads, batch_size, limit, shard, passes=1) as (runner, data), Lanes() as lanes:
         ranges = TensorRanges(runner.measured)
-        samples = _run_pass(runner, data, "ranges", progress, ranges.update_batch)
+        samples = _run_pass(runner, data, "ranges", progress, functools.partial(ranges.update_batch, lanes=lanes))
         if samples == 0:
             raise QuantlabError("the calibration data holds no samples")
         ranges.metadata = _metadata(Path(model), runner, data, samples, started)
@@ -213,8 +211,9 @@ def collect(
     """
     check_bins(bins)
     started = time.perf_counter()
-    with _open(model, data, tensors, threads, batch_size, limit, shard, passes=1 if ranges is not None else 2) as (runner, opened):
-        return _collect(Path(model), runner, opened, bins, ranges, shard_ranges, progress, started)
+    passes = 1 if ranges is not None else 2
+    with _open(model, data, tensors, threads, batch_size, limit, shard, passes=passes) as (runner, opened), Lanes() as lanes:
+        return _collect(Path(model), runner, opened, bins, ranges, shard_ranges, progress, started, lanes)
 
 
 def _collect(
@@ -226,12 +225,13 @@ def _collect(
     shard_ranges: TensorRanges | None,
     progress: Progress | None,
     started: float,
+    lanes: Lanes,
 ) -> HistogramSet:
-    """`collect` over opened data."""
+    """`collect` over opened data, the NumPy work of each batch in `lanes`."""
     last = _LastBatch()
     if ranges is None:
         ranges = TensorRanges(runner.measured)
-        if _run_pass(runner, data, "ranges", progress, ranges.update_batch, last) == 0:
+        if _run_pass(runner, data, "ranges", progress, functools.partial(ranges.update_batch, lanes=lanes), last) == 0:
             raise QuantlabError("the calibration data holds no samples")
         seen = ranges
     else:
@@ -242,8 +242,7 @@ def _collect(
     # Values are checked against ranges measured in another read: over other data, or a loader's earlier run, whose
     # values may differ (the binning takes values within the range only).
     checker = seen if measuring else TensorRanges(runner.measured) if data.reruns else None
-    lanes = _BinningLanes(min(MAX_BINNING_LANES, _usable_cores()))
-    workspace = lanes.workspaces[0]
+    workspaces = [Workspace() for _ in range(lanes.count)]  # one per lane: the work arrays of the binning
     buffer = _buffer_size(len(runner.measured), 8)
     # A Relu output with its input's range has its input's edges and counts, the negative ones moved to the bin of 0:
     # derived after the pass rather than binned (in a CNN, the Relu outputs hold half the values).
@@ -261,29 +260,35 @@ def _collect(
             rectified[j] = i
             binners.append(None)
         else:
-            binners.append(ExactBins(ranges.amax(j), 2 * bins, ranges.dtypes[j], buffer, workspace))
+            binners.append(ExactBins(ranges.amax(j), 2 * bins, ranges.dtypes[j], buffer, workspaces[0]))
     nonfinite = [ranges.has_nonfinite(i) for i in range(len(runner.measured))]
     limits = np.array([float(ranges.amax(i)) for i in range(len(runner.measured))])
 
+    binned = [i for i, binner in enumerate(binners) if binner is not None]
+    groups: list[list[int]] = []  # the tensors each lane bins, split by size at the first batch
+
     def add(batch: list[np.ndarray]) -> None:
         if checker is not None:
-            beyond = np.flatnonzero(checker.update_batch(batch) > limits)
+            beyond = np.flatnonzero(checker.update_batch(batch, lanes) > limits)
             if beyond.size:
                 i = int(beyond[0])
                 found = f"tensor {runner.measured[i]!r} has max|x| {float(checker.amax(i)):.6g} > {limits[i]:.6g}"
                 if data.reruns:
                     raise reads_differ(data.source, f"other values in this run than in an earlier one ({found})")
                 raise QuantlabError(f"{found}, beyond the given ranges: collect the ranges over the same data")
-        def count(members: list[int]) -> None:
+        if not groups:
+            groups.extend(lanes.split(binned, [batch[i].size for i in binned]))
+            for lane, members in enumerate(groups):
+                for i in members:
+                    binners[i].workspace = workspaces[lane]
+
+        def count(lane: int, members: list[int]) -> None:
             for i in members:
                 binners[i].add(batch[i][np.isfinite(batch[i])] if nonfinite[i] else batch[i])
 
-        lanes.run(count, [i for i, binner in enumerate(binners) if binner is not None], batch, binners)
+        lanes.run(count, groups)
 
-    try:
-        samples = _run_pass(runner, data, "histograms", progress, add, last)
-    finally:
-        lanes.close()
+    samples = _run_pass(runner, data, "histograms", progress, add, last)
     if samples == 0:
         raise QuantlabError("the calibration data holds no samples")
     counted = {}
@@ -305,47 +310,6 @@ def _collect(
         **_metadata(model, runner, data, samples, started),
     }
     return HistogramSet(histograms, metadata)
-
-
-def _usable_cores() -> int:
-    """Cores this process may run on (its affinity where the OS tells it, as under taskset or a container's cpuset)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-class _BinningLanes:
-    """Bins a batch's tensors in `threads` threads, each with its own work arrays. Inference and binning take turns,
-    so while the tensors of a batch are counted ONNX Runtime's threads are idle: the cores are free for NumPy, whose
-    counting loops release the GIL. Tensors go to lanes by size at the first batch (largest first, to the lane with the
-    fewest values), so the lanes finish together."""
-
-    def __init__(self, threads: int) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.workspaces = [Workspace() for _ in range(max(1, threads))]
-        self.pool = ThreadPoolExecutor(len(self.workspaces) - 1) if len(self.workspaces) > 1 else None
-        self.members: list[list[int]] | None = None
-
-    def run(self, count: Callable[[list[int]], None], binned: list[int], batch: list[np.ndarray], binners: list) -> None:
-        """`count(members)` for each lane's members of `binned` (indices into `batch` and `binners`), lanes at once."""
-        if self.pool is None:
-            count(binned)
-            return
-        if self.members is None:
-            self.members = [[] for _ in self.workspaces]
-            load = [0] * len(self.workspaces)
-            for i in sorted(binned, key=lambda i: -batch[i].size):
-                lane = load.index(min(load))
-                self.members[lane].append(i)
-                load[lane] += batch[i].size
-                binners[i].workspace = self.workspaces[lane]
-        futures = [self.pool.submit(count, members) for members in self.members[1:]]
-        count(self.members[0])
-        for future in futures:
-            future.result()
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown()
 
 
 def _check_shard_ranges(shard_ranges: TensorRanges, ranges: TensorRanges) -> TensorRanges:

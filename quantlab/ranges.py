@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from quantlab.errors import QuantlabError
+from quantlab.lanes import Lanes
 from quantlab.npzfile import read_npz, write_npz
 
 FORMAT_NAME = "quantlab-ranges"
@@ -59,20 +60,30 @@ class TensorRanges:
         self.count[i] += values.size
         return float(max(-low, high))
 
-    def update_batch(self, batch: list[np.ndarray]) -> np.ndarray:
+    def update_batch(self, batch: list[np.ndarray], lanes: Lanes | None = None) -> np.ndarray:
         """Add one batch of every tensor (flat, float, in `names` order); returns each tensor's max|x| in the batch.
 
         Small tensors of one dtype are reduced together in a few NumPy calls, since calling min and max per tensor
         would cost more than the reductions themselves (a model run one sample at a time has hundreds of small tensors
-        per run)."""
+        per run); the large ones are reduced one by one, spread over `lanes` where given."""
         amax = np.zeros(len(batch))
         groups: dict[np.dtype, list[int]] = {}
+        large = []
         for i, values in enumerate(batch):
             if 0 < values.size <= GROUPED:
                 groups.setdefault(values.dtype, []).append(i)
                 self.dtypes[i] = self.dtypes[i] or values.dtype
             else:
-                amax[i] = self.update(i, values)
+                large.append(i)
+
+        def reduce(lane: int, members: list[int]) -> None:
+            for i in members:  # each tensor's own entries: lanes never write the same one
+                amax[i] = self.update(i, batch[i])
+
+        if lanes is None:
+            reduce(0, large)
+        else:
+            lanes.run(reduce, lanes.split(large, [batch[i].size for i in large]))
         for members in groups.values():
             sizes = np.array([batch[i].size for i in members])
             joined = np.concatenate([batch[i] for i in members])

@@ -7,6 +7,7 @@ import onnx
 import pytest
 
 import quantlab
+import quantlab.lanes
 from quantlab import collection
 from conftest import CALIB_DIR, DEMO_MODEL, run_all_float_outputs
 from models import save_multi_input_data, save_multi_input_model, save_rearranging_model
@@ -232,9 +233,11 @@ def test_fold_gives_the_abs_histogram(demo_activations, demo_histograms):
 
 
 @pytest.mark.parametrize("lanes", [1, 3])
-def test_binning_lanes_give_the_same_exact_histograms(demo_histograms, demo_activations, monkeypatch, lanes):
-    """Tensors binned in several threads, each with its own work arrays, count exactly what one thread counts."""
-    monkeypatch.setattr(collection, "MAX_BINNING_LANES", lanes)
-    monkeypatch.setattr(collection, "_usable_cores", lambda: 8)
+def test_lanes_give_the_same_exact_histograms(demo_histograms, demo_activations, monkeypatch, lanes):
+    """Tensors reduced and binned in several threads, each binning with its own work arrays, give exactly the ranges
+    and counts of one thread."""
+    monkeypatch.setattr(quantlab.lanes, "MAX_LANES", lanes)
+    monkeypatch.setattr(quantlab.lanes, "usable_cores", lambda: 8)
+    monkeypatch.setattr(quantlab.lanes, "MIN_SPREAD_VALUES", 0)
     histograms = quantlab.collect(DEMO_MODEL, CALIB_DIR, batch_size=16)
     assert_exact(histograms, demo_activations)
