@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 
 from quantlab.atomic import atomic_write
-from quantlab.data import Batch, CalibrationData, DataSource, open_data
+from quantlab.data import Batch, CalibrationData, DataSource, feed_samples, open_data
 from quantlab.errors import QuantlabError, QuantlabRuntimeError, first_line, reading
 from quantlab.model import (
     FLOAT_TYPES,
@@ -310,7 +310,7 @@ def paired_report(
             pair = pairs.setdefault(name, _comparison(reference[name], observed[name]))
             if not isinstance(pair, str):
                 pair.add(reference[name], observed[name])
-        batch = len(next(iter(feed.values())))
+        batch = feed_samples(feed, runner.inputs)
         if top1_output is not None:
             _count_top1(top1, reference[top1_output], observed[top1_output], expected, samples, batch)
         samples += batch
@@ -463,7 +463,7 @@ def measure_isolated(
             for layer, piece, pair in zip(layers, pieces, sums):
                 (observed,) = run_session(piece, [layer.observed], {name: values[name] for name in layer.sources})
                 pair.add(values[layer.output], observed)
-            samples += len(next(iter(feed.values())))
+            samples += feed_samples(feed, opened.inputs)
             if progress:
                 progress("isolated", samples, opened.num_samples)
     if samples == 0:
@@ -493,12 +493,13 @@ def measure_final(
     fp32, int8 = create_session(fp32_model), create_session(qdq_model)
     declared = {output.name: output.type.tensor_type.elem_type for output in fp32_model.graph.output}
     output = _first_float_output(list(declared), declared)
+    inputs = input_specs(fp32_model)
     pair, top1, samples = _Sums(), {"fp32": 0, "int8": 0, "agree": 0}, 0
     for feed in data:
         (reference,) = run_session(fp32, [output], feed)
         (observed,) = run_session(int8, [output], feed)
         pair.add(reference, observed)
-        batch = len(next(iter(feed.values())))
+        batch = feed_samples(feed, inputs)
         if labels is not None:
             _count_top1(top1, reference, observed, labels, samples, batch)
         samples += batch

@@ -110,9 +110,9 @@ def save_recurrent_model(path) -> None:
     graph = helper.make_graph(
         nodes,
         "recurrent",
-        [
-            helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 16]),
+        [  # the state first: a feed's first array is not its sample count
             helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, 1, hidden]),
+            helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 16]),
         ],
         [
             helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 1]),
@@ -165,7 +165,9 @@ def test_a_recurrent_state_input_is_fed_as_declared_through_all_four_commands(tm
     ):
         result = run(*args)
         assert result.returncode == 0, result.stderr
-    final = {output["name"]: output for output in json.loads(report.read_text())["final"]["outputs"]}
+    drift = json.loads(report.read_text())
+    assert drift["final"]["samples"] == drift["metadata"]["samples"] == 9
+    final = {output["name"]: output for output in drift["final"]["outputs"]}
     assert set(final) == {"output", "stateN"}
     assert all(output["sqnr_db"] is not None and output["sqnr_db"] > 20 for output in final.values()), final
 
