@@ -182,6 +182,11 @@ class HistogramSet(Mapping):
 
         return histograms_frame(self)
 
+    def min_max(self) -> dict[str, tuple[float, float]]:
+        """Tensor name -> (smallest, largest) finite value seen, for every tensor where both are known: what an
+        asymmetric (uint8) range needs beside a threshold (`Thresholds.min_max`)."""
+        return {name: (hist.min, hist.max) for name, hist in self.histograms.items() if None not in (hist.min, hist.max)}
+
     def save(self, path: str | Path) -> Path:
         """Write one `.npz` (no pickle) atomically: counts, edges and statistics stacked per tensor, JSON metadata."""
         names = list(self.histograms)

@@ -1,10 +1,12 @@
 """Threshold files: one `Thresholds` object, read from and written to every format quantlab knows.
 
 A threshold file maps activation tensor names to amax, the clipping threshold of symmetric INT8 quantization
-(scale = amax / 127). Formats, each one reader and one writer registered in `formats()`:
+(scale = amax / 127), and may hold beside it each tensor's smallest and largest value over the calibration data, which
+asymmetric (uint8) ranges need: [max(min, -amax), min(max, amax)]. Formats, each one reader and one writer registered
+in `formats()`:
 
 - `trt-cache` (`.cache`): TensorRT calibration cache, for `trtexec --calib=` and `IInt8Calibrator`; see `trt_cache`.
-- `json` (`.json`): quantlab's own table, amax in full float64 precision plus free-form metadata; see `table`.
+- `json` (`.json`): quantlab's own table, amax in full float64 precision, min/max and free-form metadata; see `table`.
 - `ort-table` (`.flatbuffers`): the calibration table ONNX Runtime's TensorRT execution provider reads; see `table`.
 
 `Q/DQ` export lives in `formats/qdq.py` and is not a threshold file.
@@ -29,16 +31,19 @@ DIFF_LEVELS = (1.01, 1.10)
 
 @dataclass
 class Thresholds:
-    """Per-tensor amax plus metadata describing where they came from.
+    """Per-tensor amax plus metadata describing where they came from, and the tensors' observed min/max.
 
     `amax` keeps insertion (file) order; every value is a float >= 0, and +inf is allowed because TensorRT itself
     writes infinite scales. `metadata` is format specific: for a TensorRT cache `header`, `trt_version`,
     `trt_version_code` and `algorithm`; for a JSON table its `method`, `variant`, `options`, `source` and any other
-    top-level keys; empty for an ONNX Runtime table.
+    top-level keys; empty for an ONNX Runtime table. `min_max` maps a tensor to the smallest and largest finite value
+    it took over the calibration data (`HistogramSet.min_max()`); only the JSON table stores it (TensorRT caches and
+    ONNX Runtime tables hold amax alone), and a tensor without it gets the symmetric range [-amax, amax].
     """
 
     amax: dict[str, float]
     metadata: dict[str, Any] = field(default_factory=dict)
+    min_max: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         checked = {}
@@ -53,6 +58,18 @@ class Thresholds:
                 raise QuantlabError(f"tensor {name!r}: amax must be >= 0, got {amax!r}")
             checked[name] = amax + 0.0  # -0.0 -> 0.0, so no writer ever emits a negative zero
         self.amax = checked
+        self.min_max = {name: _checked_min_max(name, pair) for name, pair in self.min_max.items()}
+
+
+def _checked_min_max(name: str, pair: Any) -> tuple[float, float]:
+    """A tensor's (min, max) as two finite floats, min <= max; a one-line `QuantlabError` naming the tensor otherwise."""
+    try:
+        low, high = (float(value) for value in pair)
+    except (TypeError, ValueError):
+        raise QuantlabError(f"tensor {name!r}: min_max must be two numbers [min, max], got {pair!r}") from None
+    if not (math.isfinite(low) and math.isfinite(high) and low <= high):
+        raise QuantlabError(f"tensor {name!r}: min_max must be finite with min <= max, got [{low!r}, {high!r}]")
+    return low + 0.0, high + 0.0
 
 
 class ThresholdFormat(NamedTuple):

@@ -3,9 +3,11 @@
 JSON table (`.json`), amax in full float64 precision (Python's shortest round-trip repr):
 
     {"format": "quantlab-thresholds", "version": 1, "method": "kl", "variant": "tensorrt",
-     "options": {...}, "source": {...}, "thresholds": {"input": 2.64, ...}}
+     "options": {...}, "source": {...}, "thresholds": {"input": 2.64, ...}, "min_max": {"input": [-1.0, 2.64], ...}}
 
-Everything except `format`, `version` and `thresholds` is metadata (any JSON) and lands in `Thresholds.metadata`.
+`min_max` (optional; `quantlab calibrate` writes it from the histograms) holds each tensor's smallest and largest value
+over the calibration data, for asymmetric ranges (`Thresholds.min_max`). Everything except `format`, `version`,
+`thresholds` and `min_max` is metadata (any JSON) and lands in `Thresholds.metadata`.
 JSON has no infinity, so an infinite amax (possible in a TensorRT cache) cannot be written as a JSON table.
 
 ONNX Runtime table (`.flatbuffers`), the file the TensorRT execution provider reads through
@@ -34,6 +36,7 @@ from quantlab.formats import Thresholds, read_bytes
 
 JSON_FORMAT = "quantlab-thresholds"
 JSON_VERSION = 1
+_TABLE_KEYS = ("format", "version", "thresholds", "min_max")  # the table's own keys; the others are metadata
 _FLOAT32_MAX = struct.unpack(">f", bytes.fromhex("7f7fffff"))[0]
 
 
@@ -64,24 +67,29 @@ def read_json_table(path: str | os.PathLike) -> Thresholds:
     for name, amax in thresholds.items():
         if isinstance(amax, bool) or not isinstance(amax, (int, float)):
             raise QuantlabError(f"{path}: tensor {name!r}: amax must be a number, got {amax!r}")
-    metadata = {key: value for key, value in document.items() if key not in ("format", "version", "thresholds")}
+    min_max = document.get("min_max", {})
+    if not isinstance(min_max, dict):
+        raise QuantlabError(f"{path}: \"min_max\" must be an object mapping tensor names to [min, max]")
+    metadata = {key: value for key, value in document.items() if key not in _TABLE_KEYS}
     try:
-        return Thresholds(thresholds, metadata)
+        return Thresholds(thresholds, metadata, min_max)
     except QuantlabError as exc:
         raise QuantlabError(f"{path}: {exc}") from None
 
 
 def write_json_table(path: str | os.PathLike, thresholds: Thresholds) -> None:
     """Write a quantlab JSON table atomically: format, version, method, variant, options, source, other metadata,
-    then thresholds."""
+    then thresholds and, where known, min_max."""
     for name, amax in thresholds.amax.items():
         if math.isinf(amax):
             raise QuantlabError(f"{path}: tensor {name!r} has an infinite amax, which JSON cannot store")
-    reserved = sorted(set(thresholds.metadata) & {"format", "version", "thresholds"})
+    reserved = sorted(set(thresholds.metadata) & set(_TABLE_KEYS))
     if reserved:
         raise QuantlabError(f"{path}: metadata key {reserved[0]!r} is reserved by the table format")
     metadata = {"method": None, "variant": None, "options": {}, "source": {}, **thresholds.metadata}
     document = {"format": JSON_FORMAT, "version": JSON_VERSION, **metadata, "thresholds": thresholds.amax}
+    if thresholds.min_max:
+        document["min_max"] = {name: list(pair) for name, pair in thresholds.min_max.items()}
     try:
         text = json.dumps(document, indent=2, allow_nan=False)
     except (TypeError, ValueError) as exc:
