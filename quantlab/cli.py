@@ -80,6 +80,10 @@ def _warn_nonfinite(histograms) -> None:
             )
 
 
+TARGET_HELP = (
+    "Engine the Q/DQ model is for: tensorrt (TensorRT's placement, symmetric int8) or onnxruntime (the placement ONNX "
+    "Runtime's CPU provider runs with integer kernels, uint8 activations with asymmetric ranges from a .json table)."
+)
 DATA_HELP = (
     "A directory of .npy (single input) or .npz (keyed by input name) files, or a data-loader script "
     "loader.py[:FUNCTION] whose function (default load_data) yields dicts of input name -> array."
@@ -290,7 +294,8 @@ def calibrate(
         name, _, spec_variant = spec.partition(":")
         tables[spec] = calibrate_all(histograms, name, **({"variant": spec_variant} if spec_variant else {}))
     write_options = {"trt_version": trt_version} if trt_version else {}
-    write_thresholds(out, Thresholds(amax, metadata), format=format, **write_options)
+    min_max = {name: pair for name, pair in histograms.min_max().items() if name in amax}  # for asymmetric ranges
+    write_thresholds(out, Thresholds(amax, metadata, min_max), format=format, **write_options)
     console = _console()
     console.print(clipping_table(histograms, amax))
     described = " ".join([method, *(f"{key}={value}" for key, value in options.items())])
@@ -345,20 +350,24 @@ def export(
     weights: str = typer.Option("max", "--weights", help="Per-channel weight amax: max or mse."),
     keep_fp32: Optional[list[str]] = typer.Option(None, "--keep-fp32", help="Node (or output tensor) names to leave in FP32."),
     data: Optional[str] = typer.Option(None, "--data", "-d", metavar="PATH", help=f"Inputs whose first sample ONNX Runtime runs the model on before it is written (default: the directory the thresholds' histograms were collected from, else a sample synthesized from the input shapes). {DATA_HELP}"),
+    target: str = typer.Option("tensorrt", "--target", help=TARGET_HELP),
 ) -> None:
-    """Explicit quantization: write the Q/DQ model (symmetric int8) for TensorRT 10-11 and ONNX Runtime."""
+    """Explicit quantization: write the Q/DQ model for TensorRT 10-11 (symmetric int8) or ONNX Runtime's integer kernels (uint8, asymmetric)."""
     from quantlab.atomic import check_writable
     from quantlab.formats import read_thresholds
-    from quantlab.formats.qdq import check_sample, export_qdq
+    from quantlab.formats.qdq import check_sample, export_qdq, export_target
 
     check_writable(out)
+    export_target(target)  # an unknown target is refused before any work
     table = read_thresholds(thresholds)
     sample = check_sample(model, table, data)
-    written = export_qdq(model, table, out, weight_method=weights, keep_fp32=_split_patterns(keep_fp32) or (), data=sample)
+    written = export_qdq(
+        model, table, out, weight_method=weights, keep_fp32=_split_patterns(keep_fp32) or (), data=sample, target=target
+    )
     _console().print(f"wrote {written} (ONNX Runtime ran it on {sample.source})", soft_wrap=True)
 
 
-def _int8_model(model: Path, thresholds: Optional[Path], qdq: Optional[Path], weights: str):
+def _int8_model(model: Path, thresholds: Optional[Path], qdq: Optional[Path], weights: str, target: str):
     """The INT8 model to compare with: a Q/DQ file as given, or one built in memory from a threshold file."""
     from quantlab.formats import read_thresholds
     from quantlab.formats.qdq import quantize_qdq
@@ -370,7 +379,8 @@ def _int8_model(model: Path, thresholds: Optional[Path], qdq: Optional[Path], we
         return load_model(qdq), {"qdq_model": str(qdq)}
     table = read_thresholds(thresholds)
     method = table.metadata.get("method") or table.metadata.get("algorithm") or "thresholds"
-    return quantize_qdq(model, table, weight_method=weights), {"thresholds": str(thresholds), "method": method}
+    int8 = quantize_qdq(model, table, weight_method=weights, target=target)
+    return int8, {"thresholds": str(thresholds), "method": method, "target": target}
 
 
 def _tensorrt_drift(model: Path, cache: Optional[Path], qdq: Optional[Path], data, labels, unsupported) -> object:
@@ -383,7 +393,9 @@ def _tensorrt_drift(model: Path, cache: Optional[Path], qdq: Optional[Path], dat
     if (cache is None) == (qdq is None):
         raise QuantlabError("give exactly one of --thresholds FILE.cache and --qdq MODEL")
     runner = TensorRTPairedRunner(model, cache_path=cache, qdq_model_path=qdq)
-    return paired_report(runner, model, data, labels=labels)
+    report = paired_report(runner, model, data, labels=labels)
+    report.metadata["engine"] = runner.engine
+    return report
 
 
 @app.command()
@@ -420,6 +432,7 @@ def drift(
     target_sqnr: Optional[float] = typer.Option(None, "--target-sqnr", help="Keep layers in FP32 until the final SQNR reaches DB."),
     mixed_out: Path = typer.Option(Path("mixed.qdq.onnx"), "--mixed-out", help="Where --keep-fp32/--target-sqnr write their Q/DQ model."),
     weights: str = typer.Option("max", "--weights", help="Per-channel weight amax: max or mse."),
+    target: str = typer.Option("tensorrt", "--target", help=f"With --thresholds: the export target of the INT8 model. {TARGET_HELP}"),
     engine: str = typer.Option("onnxruntime", "--engine", help="INT8 engine to compare: onnxruntime, or tensorrt (optional extra)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write SQNR per layer as an image (.png, .svg, .pdf)."),
@@ -452,9 +465,9 @@ def drift(
     expected = load_labels(labels)
     if engine == "tensorrt":
         report = _tensorrt_drift(model, thresholds, qdq, calibration, expected, isolated or against or keep_fp32 or target_sqnr)
-        source = {"engine": "tensorrt", "thresholds": str(thresholds or qdq)}
+        source = {"thresholds": str(thresholds or qdq)}
     elif engine == "onnxruntime":
-        int8, source = _int8_model(model, thresholds, qdq, weights)
+        int8, source = _int8_model(model, thresholds, qdq, weights, target)
         measure = measure_isolated if isolated else measure_drift
         options = {} if isolated else {"labels": expected}
         report = measure(model, int8, calibration, **options)
@@ -464,7 +477,7 @@ def drift(
     console = _console()
     console.print(drift_table(report, title=f"{report.metadata['mode']} drift, worst first ({source.get('method', 'Q/DQ model')})"))
     if against is not None:
-        other_model, other_source = _int8_model(model, against, None, weights)
+        other_model, other_source = _int8_model(model, against, None, weights, target)
         other = measure(model, other_model, calibration, **options)
         console.print(sqnr_comparison_table(report, other, str(thresholds or qdq), str(against)))
     if json_out is not None:
@@ -479,8 +492,8 @@ def drift(
         from quantlab.formats import read_thresholds
 
         steps, mixed = propose_fp32(
-            model, read_thresholds(thresholds).amax, calibration, keep=keep_fp32, target_sqnr=target_sqnr,
-            labels=expected, weight_method=weights,
+            model, read_thresholds(thresholds), calibration, keep=keep_fp32, target_sqnr=target_sqnr,
+            labels=expected, weight_method=weights, target=target,
         )
         console.print(fp32_proposal_table(steps))
         from quantlab.atomic import atomic_write

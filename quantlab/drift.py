@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,7 +25,10 @@ import onnx
 
 from quantlab.atomic import atomic_write
 from quantlab.data import Batch, CalibrationData, DataSource, feed_samples, open_data
-from quantlab.errors import QuantlabError, QuantlabRuntimeError, first_line, reading
+from quantlab.engine import engine_summary, optimized_graph, single_samples
+from quantlab.errors import QuantlabError, QuantlabRuntimeError, reading
+from quantlab.formats import Thresholds
+from quantlab.formats.qdq import DEFAULT_TARGET
 from quantlab.model import (
     FLOAT_TYPES,
     ORT_LOG_SEVERITY,
@@ -173,22 +175,6 @@ def _finite(record: dict[str, Any]) -> dict[str, Any]:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
 
 
-def _int8_graph(qdq_model: onnx.ModelProto, directory: Path) -> onnx.ModelProto:
-    """The Q/DQ model after ONNX Runtime's portable (extended) optimizations: the INT8 kernels it will run."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    options.optimized_model_filepath = str(directory / "int8_optimized.onnx")
-    options.log_severity_level = ORT_LOG_SEVERITY
-    try:
-        ort.InferenceSession(qdq_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        message = first_line(exc)
-        raise QuantlabError(f"ONNX Runtime cannot load the INT8 model: {message}") from None
-    return onnx.load(options.optimized_model_filepath)
-
-
 def observable_tensors(fp32_names: Sequence[str], int8_graph: onnx.ModelProto) -> dict[str, str]:
     """FP32 tensor name -> the INT8 graph's tensor that carries it (dequantized where it is quantized)."""
     present = {name for node in int8_graph.graph.node for name in node.output}
@@ -238,8 +224,7 @@ class _PairedRunner(FP32Side):
         import onnxruntime as ort
 
         super().__init__(fp32)
-        with tempfile.TemporaryDirectory() as tmp:
-            int8_graph = _int8_graph(qdq, Path(tmp))
+        self.optimized = int8_graph = optimized_graph(qdq)
         produced = {output.name for output in int8_graph.graph.output}
         self.pair(observable_tensors(self.activations, int8_graph), "INT8 model", produced)
         exposed = onnx.ModelProto()
@@ -268,18 +253,23 @@ def measure_drift(
     batch_size: int | None = None,
     limit: int | None = None,
     progress=None,
+    latency: bool = True,
 ) -> DriftReport:
     """Drift of every observable tensor of `model` in its INT8 version `qdq_model`, over `data` (accumulated mode).
 
     `data` is anything `quantlab.data.open_data` takes (a directory, a loader script, a list, a generator, an ORT
     CalibrationDataReader). With `labels` (one integer class per sample, in data order) the report also holds top-1
-    accuracy of both.
+    accuracy of both. With `latency` the metadata says which engine ran, how many weighted ops it ran as integer
+    kernels and the latency per sample of both models, timed on the first samples (`quantlab.engine`).
     """
     fp32 = load_model(model)
     qdq = qdq_model if isinstance(qdq_model, onnx.ModelProto) else load_model(qdq_model)
     runner = _PairedRunner(fp32, qdq)
-    with open_data(data, runner.inputs, batch_size=batch_size, limit=limit, reread=False) as opened:
-        return paired_report(runner, model, opened, labels=labels, progress=progress)
+    with open_data(data, runner.inputs, batch_size=batch_size, limit=limit, reread=latency) as opened:
+        report = paired_report(runner, model, opened, labels=labels, progress=progress)
+        if latency:
+            report.metadata.update(engine_summary(fp32, qdq, single_samples(opened, runner.inputs), runner.optimized))
+    return report
 
 
 def paired_report(
@@ -441,10 +431,11 @@ def measure_isolated(
     batch_size: int | None = None,
     limit: int | None = None,
     progress=None,
+    latency: bool = True,
 ) -> DriftReport:
     """Each weighted layer's own error: its piece of the Q/DQ model (input and output Q/DQ, INT8 weights) run on the
     FP32 model's activations, compared with the FP32 output. Nothing upstream contributes, so a layer that is
-    sensitive stands out from one that only inherits error.
+    sensitive stands out from one that only inherits error. `latency` as in `measure_drift`.
     """
     fp32 = load_model(model)
     qdq = qdq_model if isinstance(qdq_model, onnx.ModelProto) else load_model(qdq_model)
@@ -457,7 +448,7 @@ def measure_isolated(
     sums = [_Sums() for _ in layers]
     computed = [name for name in needed if name not in fed]
     samples = 0
-    with open_data(data, input_specs(fp32), batch_size=batch_size, limit=limit, reread=False) as opened:
+    with open_data(data, input_specs(fp32), batch_size=batch_size, limit=limit, reread=latency) as opened:
         for feed in opened:
             values = {**feed, **dict(zip(computed, run_session(reference_session, computed, feed)))}
             for layer, piece, pair in zip(layers, pieces, sums):
@@ -466,10 +457,13 @@ def measure_isolated(
             samples += feed_samples(feed, opened.inputs)
             if progress:
                 progress("isolated", samples, opened.num_samples)
-    if samples == 0:
-        raise QuantlabError("the data holds no samples")
+        if samples == 0:
+            raise QuantlabError("the data holds no samples")
+        metadata = {"mode": "isolated", "model": str(model), "samples": samples}
+        if latency:
+            metadata.update(engine_summary(fp32, qdq, single_samples(opened, opened.inputs)))
     results = [pair.result(layer.output, layer.op_type) for layer, pair in zip(layers, sums)]
-    return DriftReport(results, {"outputs": [], "samples": samples}, {"mode": "isolated", "model": str(model), "samples": samples})
+    return DriftReport(results, {"outputs": [], "samples": samples}, metadata)
 
 
 @dataclass
@@ -509,20 +503,23 @@ def measure_final(
 
 def rank_sensitivity(
     model: str | Path,
-    thresholds: Mapping[str, float],
+    thresholds: Thresholds | Mapping[str, float],
     data: DataSource,
     *,
     labels: np.ndarray | None = None,
     weight_method: str = "max",
+    target: str = DEFAULT_TARGET,
 ) -> list[FinalDrift]:
-    """Every weighted layer, most sensitive first: final-output SQNR of the model with only that layer kept in FP32."""
+    """Every weighted layer, most sensitive first: final-output SQNR of the model with only that layer kept in FP32
+    (the Q/DQ model of export target `target`)."""
     from quantlab.formats.qdq import quantize_qdq
 
     fp32 = load_model(model)
-    layers = _layers(quantize_qdq(model, thresholds, weight_method=weight_method))
+    options = {"weight_method": weight_method, "target": target}
+    layers = _layers(quantize_qdq(model, thresholds, **options))
     with open_data(data, input_specs(fp32)) as opened:  # read once per layer: a one-shot iterable is spilled
         results = [
-            measure_final(fp32, quantize_qdq(model, thresholds, weight_method=weight_method, keep_fp32=[layer.node]), opened, labels, [layer.node])
+            measure_final(fp32, quantize_qdq(model, thresholds, keep_fp32=[layer.node], **options), opened, labels, [layer.node])
             for layer in layers
         ]
     return sorted(results, key=lambda result: -result.sqnr_db)
@@ -530,13 +527,14 @@ def rank_sensitivity(
 
 def propose_fp32(
     model: str | Path,
-    thresholds: Mapping[str, float],
+    thresholds: Thresholds | Mapping[str, float],
     data: DataSource,
     *,
     keep: int | None = None,
     target_sqnr: float | None = None,
     labels: np.ndarray | None = None,
     weight_method: str = "max",
+    target: str = DEFAULT_TARGET,
 ) -> tuple[list[FinalDrift], onnx.ModelProto]:
     """The smallest prefix of the sensitivity ranking to keep in FP32: `keep` layers, or as many as it takes to reach
     `target_sqnr` dB on the final output. Returns the measurements of every step (none kept first) and the model.
@@ -548,14 +546,15 @@ def propose_fp32(
     if keep is not None and keep < 0:
         raise QuantlabError(f"--keep-fp32 must be >= 0, got {keep}")
     fp32 = load_model(model)
+    options = {"weight_method": weight_method, "target": target}
     with open_data(data, input_specs(fp32)) as opened:  # read once per step: a one-shot iterable is spilled
-        ranking = [result.kept_fp32[0] for result in rank_sensitivity(model, thresholds, opened, labels=labels, weight_method=weight_method)]
+        ranking = [result.kept_fp32[0] for result in rank_sensitivity(model, thresholds, opened, labels=labels, **options)]
         steps = len(ranking) if keep is None else min(keep, len(ranking))
-        qdq = quantize_qdq(model, thresholds, weight_method=weight_method)
+        qdq = quantize_qdq(model, thresholds, **options)
         history = [measure_final(fp32, qdq, opened, labels)]
         for count in range(1, steps + 1):
             if target_sqnr is not None and history[-1].sqnr_db >= target_sqnr:
                 break
-            qdq = quantize_qdq(model, thresholds, weight_method=weight_method, keep_fp32=ranking[:count])
+            qdq = quantize_qdq(model, thresholds, keep_fp32=ranking[:count], **options)
             history.append(measure_final(fp32, qdq, opened, labels, ranking[:count]))
     return history, qdq

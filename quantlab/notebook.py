@@ -15,7 +15,7 @@ import numpy as np
 
 from quantlab.errors import QuantlabError
 from quantlab.histogram import Histogram, HistogramSet
-from quantlab.report import _fmt, _severity, tail_mass
+from quantlab.report import _fmt, _severity, engine_lines, tail_mass
 
 if TYPE_CHECKING:
     import pandas
@@ -117,6 +117,7 @@ def drift_html(report: DriftReport, max_rows: int = MAX_ROWS) -> str:
             f"top-1 FP32 {final['top1_fp32']:.2%}, INT8 {final['top1_int8']:.2%}, "
             f"agreement {final['top1_agreement']:.2%} ({final['samples']} samples)"
         )
+    notes += [html.escape(line) for line in engine_lines(report.metadata)]
     title = f"{report.metadata.get('mode', '')} drift per tensor, worst first".strip()
     headers = ["op", "SQNR dB", "cosine", "rel err", "max abs err"]
     return _table(title, headers, rows, "<br>".join(filter(None, [*notes, _more(len(layers), max_rows)])))

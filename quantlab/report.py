@@ -88,6 +88,27 @@ def _severity(sqnr_db: float) -> str:
     return "bold red" if sqnr_db < 20 else "yellow" if sqnr_db < 30 else "green"
 
 
+def engine_lines(metadata: dict) -> list[str]:
+    """What ran the INT8 model (`quantlab.engine`): the engine, how many weighted ops ran as integer kernels (with a
+    hint where fewer than half did) and the latency per sample of FP32 and INT8; for the terminal and the notebook."""
+    lines = [f"engine: {metadata['engine']}"] if metadata.get("engine") else []
+    kernels = metadata.get("integer_kernels")
+    if kernels:
+        line = f"Conv/MatMul/Gemm as integer kernels: {kernels['integer']} of {kernels['weighted']}"
+        if kernels["integer"] < kernels["weighted"] / 2:
+            line += " (quantlab export --target onnxruntime places Q/DQ for ONNX Runtime's integer kernels)"
+        lines.append(line)
+    latency = metadata.get("latency_ms")
+    if latency:
+        ratio = latency["fp32"] / latency["int8"]
+        speed = f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
+        lines.append(
+            f"latency per sample: FP32 {latency['fp32']:.3g} ms, INT8 {latency['int8']:.3g} ms ({speed}; "
+            f"{latency['samples']} samples, median of {latency['passes']} passes)"
+        )
+    return lines
+
+
 def drift_table(report, title: str = "per-layer drift, worst first") -> Table:
     """One row per tensor, worst SQNR first, colored by severity; the final outputs and top-1 in the caption."""
     table = Table(title=title)
@@ -113,6 +134,7 @@ def drift_table(report, title: str = "per-layer drift, worst first") -> Table:
             f"top-1 FP32 {final['top1_fp32']:.2%}  INT8 {final['top1_int8']:.2%}  "
             f"agreement {final['top1_agreement']:.2%}  ({final['samples']} samples)"
         )
+    lines += engine_lines(report.metadata)
     table.caption = "\n".join(lines)
     return table
 

@@ -249,6 +249,7 @@ class TensorRTPairedRunner(FP32Side):
         trt = _import_tensorrt()
         if (cache_path is None) == (qdq_model_path is None):
             raise QuantlabError("give exactly one of a calibration cache and a Q/DQ model to build the engine from")
+        self.engine = f"TensorRT {trt.__version__}"  # what the drift report names as the engine
         super().__init__(load_model(model_path))
         if qdq_model_path is None:
             targets = {name: name for name in self.activations}

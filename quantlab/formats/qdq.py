@@ -1,34 +1,19 @@
-"""Explicit quantization: an FP32 ONNX model plus thresholds -> a Q/DQ ONNX model for TensorRT and ONNX Runtime.
+"""Explicit quantization: an FP32 ONNX model plus thresholds -> a Q/DQ ONNX model, for an engine (an export target).
 
 ONNX Runtime's own QDQ quantizer (`onnxruntime.quantization.qdq_quantizer.QDQQuantizer`) does the graph work; quantlab
-hands it the ranges (lowest = -amax, highest = amax, so scale = amax / 127) instead of letting it calibrate, and tells
-it which tensors to quantize. Symmetric INT8 throughout, zero point 0: activations per tensor, weights per output
-channel, stored as INT8 initializers behind a DequantizeLinear. Biases stay float, as in the Q/DQ models NVIDIA's
-ModelOpt exports: TensorRT folds them into the layer in high precision.
+hands it the ranges computed from its own thresholds instead of letting it calibrate, and tells it which tensors to
+quantize. An export target is a placement policy (which tensors get a Q/DQ pair) and a quantization scheme (integer
+types, symmetric or asymmetric ranges), one module each; the graph work they share is here:
 
-Placement follows TensorRT's "Q/DQ Layer-Placement Recommendations" (TensorRT Developer Guide, Explicit Quantization,
-https://docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/quantized-types-explicit-quantization.html):
+- `tensorrt` (`qdq_tensorrt`, the default): TensorRT's explicit-quantization placement, symmetric int8.
+- `onnxruntime` (`qdq_onnxruntime`): the placement ONNX Runtime's CPU provider fuses into integer kernels (QLinearConv,
+  QLinearMatMul, QGemm, QLinearAdd, ...), uint8 activations with asymmetric ranges.
 
-- "Quantize all inputs of weighted-operations (Convolution, Transposed Convolution and GEMM)": the activation inputs
-  of every Conv, ConvTranspose, Gemm and MatMul, and their weights.
-- "By default, do not quantize the outputs of weighted-operations."
-- "Do not simulate batch-normalization and ReLU fusions": Relu stays in the graph as it is.
-- "Quantize the residual input in skip-connections": an Add with a weighted op on one input gets Q/DQ on its other
-  input, so TensorRT can fuse the Add into that op with an INT8 output; the weighted op's own output stays float.
-- "Use per-tensor quantization for activations; and per-channel quantization for weights."
-
-One addition lets ONNX Runtime's CPU provider run the layers with INT8 kernels (QLinearConv, QGemm): where a weighted
-op's output reaches a quantized tensor only through single-consumer ops that commute with symmetric quantization
-(Relu, MaxPool and reshapes: `Q(op(x)) == op(Q(x))` for zero point 0), its output gets a Q/DQ pair that shares that
-tensor's scale. The results are unchanged bit for bit (quantizing twice with one scale is quantizing once); it is the
-backward Q propagation TensorRT's optimizer applies itself ("Q/DQ propagation", same guide), made explicit because
-ONNX Runtime only fuses a Conv whose output is quantized. (ONNX Runtime 1.21 or later is needed for these fusions: it
-quantizes the float biases itself when the model loads.)
-
-Weights: `weight_method="max"` (default) takes max|w| of each output channel: weights are known exactly, and with a
-scale per channel the largest value of a channel rarely sits far from the rest, so nothing is clipped (TensorRT's
-and ModelOpt's default). `"mse"` picks, per channel, the amax in 0.25..1.0 x max|w| (steps of 0.01) with the least
-mean squared error after rounding, trading clipped outliers for finer steps.
+Both quantize weights per output channel, int8 and symmetric. `weight_method="max"` (default) takes max|w| of each
+output channel: weights are known exactly, and with a scale per channel the largest value of a channel rarely sits far
+from the rest, so nothing is clipped (TensorRT's and ModelOpt's default). `"mse"` picks, per channel, the amax in
+0.25..1.0 x max|w| (steps of 0.01) with the least mean squared error after rounding, trading clipped outliers for
+finer steps.
 
 Models as exporters write them (`_prepared`): weights held in Constant nodes or computed from constants alone are
 folded into initializers, quantized per channel like the others; models below opset 13 are converted; float16 models
@@ -36,25 +21,26 @@ go to opset 19 (float16 scales). The Q/DQ model keeps the FP32 model's graph out
 shapes), inputs passed through as outputs included.
 
 `keep_fp32` names nodes, by node name or by the name of one of their outputs (the drift report lists tensors), to
-leave in float: they get no Q/DQ on their inputs or weights, and read the float value of a tensor that other
-consumers read through Q/DQ.
+leave in float: they get no Q/DQ of their own (what the target does with the tensors they read is in its module).
 
-Tensor names in the Q/DQ model (see `fp32_names`): every FP32 tensor keeps its name and its float value as computed
-by the quantized upstream layers. A quantized tensor `X` is read by its consumers as `X_DequantizeLinear_Output`
-(X rounded to its INT8 grid). A graph output that is quantized is the exception: its producer then writes
-`X_QuantizeLinear_Input`, and `X` is the DequantizeLinear output.
+Tensor names in the Q/DQ model (see `fp32_names`): every FP32 tensor that the model still computes keeps its name and
+its float value as computed by the quantized upstream layers. A quantized tensor `X` is read by its consumers as
+`X_DequantizeLinear_Output` (X rounded to its integer grid). A graph output that the tensorrt target quantizes is the
+exception: its producer then writes `X_QuantizeLinear_Input`, and `X` is the DequantizeLinear output.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib
 import math
 import os
 import re
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import onnx
@@ -65,7 +51,6 @@ from quantlab.errors import QuantlabError, QuantlabRuntimeError, first_line
 from quantlab.formats import Thresholds
 from quantlab.model import (
     InputSpec,
-    activation_tensors,
     create_session,
     fold_constants,
     input_specs,
@@ -74,9 +59,10 @@ from quantlab.model import (
 )
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-# Ops through which a Q/DQ moves without changing any value when the zero point is 0.
-COMMUTING_OPS = ("Relu", "MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze")
 WEIGHT_METHODS = ("max", "mse")
+# The export targets, each a module of this package; the default is justified in the README (`quantlab export`).
+TARGETS = {"tensorrt": "quantlab.formats.qdq_tensorrt", "onnxruntime": "quantlab.formats.qdq_onnxruntime"}
+DEFAULT_TARGET = "tensorrt"
 QUANTIZABLE_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)  # what ONNX Runtime's quantizer quantizes
 MIN_OPSET = 13  # per-channel DequantizeLinear (its `axis` attribute) needs opset 13
 FLOAT16_OPSET = 19  # and float16 scales opset 19
@@ -86,12 +72,46 @@ _ORT_NODE_PATTERNS = (r"Name:'([^']+)'", r"[Nn]ode \(([^)]+)\)")
 MSE_FRACTIONS = np.linspace(0.25, 1.0, 76)  # candidate amax as fractions of max|w| for weight_method="mse"
 
 
-class Placement(NamedTuple):
-    """Where the Q/DQ pairs go, decided before ONNX Runtime's quantizer runs."""
+class QuantizationPlan(NamedTuple):
+    """What an export target decided for one model, handed to ONNX Runtime's quantizer."""
 
-    ranged: list[str]  # activation tensors quantized with their own threshold, in graph order
-    residual: list[str]  # those that only a residual Add asks for (the quantizer does not mark them itself)
-    shared: list[tuple[str, str, str]]  # (weighted-op output, quantized tensor whose scale it takes, its consumer)
+    op_types: list[str]  # the node types the quantizer quantizes (inputs and outputs, as its op quantizers do)
+    excluded: set[str]  # names of the nodes it leaves in float
+    ranged: list[str]  # activation tensors given a range (`ExportTarget.tensor_range`), in graph order
+    activation_type: str  # onnxruntime.quantization.QuantType member for activations: "QInt8" or "QUInt8"
+    options: dict[str, Any]  # the quantizer's extra options (symmetry, bias, output exclusions)
+    types: dict[str, int]  # element type of every tensor of the model (float16 tensors get float16 scales)
+    float_readers: set[str]  # excluded nodes that read the float tensors, not their Q/DQ (`read_float_inputs`)
+    residual: list[str] = []  # tensors to quantize that no quantized node marks itself
+    shared: list[tuple[str, str, str]] = []  # (tensor, quantized tensor whose scale it takes, that one's consumer)
+
+
+class ExportTarget(ABC):
+    """An engine to export for: where the Q/DQ pairs go (`plan`) and how a range follows from a threshold
+    (`tensor_range`); `finish` edits the Q/DQ model the quantizer wrote. `quantize_qdq` does the rest."""
+
+    name: str
+
+    @abstractmethod
+    def plan(
+        self, model: onnx.ModelProto, kept: set[str], thresholds: Thresholds, path: Path
+    ) -> tuple[onnx.ModelProto, QuantizationPlan]:
+        """The model to quantize (`model`, or a rewrite of it that keeps the names of the tensors it still computes)
+        and the plan; `kept` names the nodes `keep_fp32` leaves in float."""
+
+    @abstractmethod
+    def tensor_range(self, name: str, thresholds: Thresholds) -> tuple[float, float]:
+        """The (lowest, highest) value the quantized tensor `name` represents."""
+
+    def finish(self, qdq: onnx.ModelProto, plan: QuantizationPlan) -> None:
+        """Edit the quantizer's Q/DQ model in place (nothing by default)."""
+
+
+def export_target(name: str) -> ExportTarget:
+    """The export target named `name` (one of `TARGETS`)."""
+    if name not in TARGETS:
+        raise QuantlabError(f"unknown export target {name!r} (known: {', '.join(TARGETS)})")
+    return importlib.import_module(TARGETS[name]).TARGET
 
 
 class Sample(NamedTuple):
@@ -109,15 +129,16 @@ def export_qdq(
     weight_method: str = "max",
     keep_fp32: Sequence[str] = (),
     data: DataSource | Sample | None = None,
+    target: str = DEFAULT_TARGET,
 ) -> Path:
-    """Write the Q/DQ model of `model_path` (see `quantize_qdq`) to `out_path`; returns `out_path`.
+    """Write the Q/DQ model of `model_path` for `target` (see `quantize_qdq`) to `out_path`; returns `out_path`.
 
     Only a model ONNX Runtime loads and runs on one sample is written (`data`: what `quantlab.data.open_data` takes,
     or a `Sample`; see `check_sample`); otherwise a one-line `QuantlabRuntimeError` names the node that failed, and nothing is written.
     The write is atomic, so a previous file at `out_path` stays as it was until the new model has passed.
     """
     out = check_writable(out_path)
-    model = quantize_qdq(model_path, thresholds, weight_method=weight_method, keep_fp32=keep_fp32)
+    model = quantize_qdq(model_path, thresholds, weight_method=weight_method, keep_fp32=keep_fp32, target=target)
     sample = data if isinstance(data, Sample) else check_sample(model_path, thresholds, data)
     _check_runs(model, model_path, sample, out)
     with atomic_write(out) as handle:
@@ -211,55 +232,49 @@ def quantize_qdq(
     *,
     weight_method: str = "max",
     keep_fp32: Sequence[str] = (),
+    target: str = DEFAULT_TARGET,
 ) -> onnx.ModelProto:
-    """The Q/DQ model in memory: TensorRT's placement, ranges from `thresholds` (tensor name -> amax)."""
+    """The Q/DQ model in memory: `target`'s placement (`TARGETS`), ranges from `thresholds` (tensor name -> amax, or
+    a `Thresholds` whose `min_max` the onnxruntime target turns into asymmetric ranges)."""
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
     from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
 
     if weight_method not in WEIGHT_METHODS:
         raise QuantlabError(f"unknown weight method {weight_method!r} (known: {', '.join(WEIGHT_METHODS)})")
-    amax = thresholds.amax if isinstance(thresholds, Thresholds) else Thresholds(dict(thresholds)).amax
+    chosen = export_target(target)
+    table = thresholds if isinstance(thresholds, Thresholds) else Thresholds(dict(thresholds))
     path = Path(model_path)
     fp32 = load_model(path)
     outputs = copy.deepcopy(list(fp32.graph.output))
     model = _prepared(fp32, path)
-    excluded = _nodes_named(model, keep_fp32)
-    types = tensor_types(model)
-    activations = activation_tensors(model, types)
-    placement, excluded = _thresholded_placement(model, activations, excluded, amax, path)
+    model, plan = chosen.plan(model, _nodes_named(model, keep_fp32), table, path)
 
     ranges = {}
-    for name in placement.ranged:  # float16 tensors get float16 scales, as their Q/DQ nodes need
-        dtype = np.float16 if types.get(name) == onnx.TensorProto.FLOAT16 else np.float32
-        ranges[name] = TensorData(lowest=dtype(-amax[name]), highest=dtype(amax[name]))
-    options = {
-        "ActivationSymmetric": True,
-        "WeightSymmetric": True,
-        "QuantizeBias": False,
-        "QDQDisableWeightAdjustForInt32Bias": True,  # keep weight scales at amax / 127 exactly
-        "OpTypesToExcludeOutputQuantization": list(WEIGHTED_OPS),
-        "TensorQuantOverrides": _weight_overrides(model, excluded, weight_method),
-    }
+    for name in plan.ranged:  # float16 tensors get float16 scales, as their Q/DQ nodes need
+        dtype = np.float16 if plan.types.get(name) == onnx.TensorProto.FLOAT16 else np.float32
+        low, high = chosen.tensor_range(name, table)
+        ranges[name] = TensorData(lowest=dtype(low), highest=dtype(high))
+    options = {**plan.options, "TensorQuantOverrides": _weight_overrides(model, plan.excluded, weight_method)}
     quantizer = QDQQuantizer(
         model,
         per_channel=True,
         reduce_range=False,
         weight_qType=QuantType.QInt8,
-        activation_qType=QuantType.QInt8,
+        activation_qType=QuantType[plan.activation_type],
         tensors_range=TensorsData(CalibrationMethod.MinMax, ranges),
         nodes_to_quantize=None,
-        nodes_to_exclude=sorted(excluded),
-        op_types_to_quantize=list(WEIGHTED_OPS),
+        nodes_to_exclude=sorted(plan.excluded),
+        op_types_to_quantize=plan.op_types,
         extra_options=options,
     )
     types = {name: info.type.tensor_type.elem_type for name, info in quantizer.value_infos.items()}
-    unsupported = [name for name in placement.ranged if types.get(name) not in QUANTIZABLE_TYPES]
+    unsupported = [name for name in plan.ranged if types.get(name) not in QUANTIZABLE_TYPES]
     if unsupported:  # the quantizer would skip them, and wait forever for those that lend their scale
         raise QuantlabError(f"{path}: Q/DQ export takes float32 and float16 tensors, not {_few(unsupported)}")
-    for name in placement.residual:
+    for name in plan.residual:
         quantizer.quantize_activation_tensor(name)
-    for output, source, consumer in placement.shared:
+    for output, source, consumer in plan.shared:
         quantizer.quantize_output_same_as_input(output, source, consumer)
     try:
         quantizer.quantize_model()
@@ -268,7 +283,8 @@ def quantize_qdq(
         raise QuantlabError(message) from None
     quantizer.model.topological_sort()
     qdq = quantizer.model.model
-    _read_float_inputs(qdq.graph, excluded)
+    read_float_inputs(qdq.graph, plan.float_readers)
+    chosen.finish(qdq, plan)
     del qdq.graph.output[:]
     qdq.graph.output.extend(outputs)  # every output as the FP32 model declares it, passed-through ones too
     return qdq
@@ -319,95 +335,31 @@ def fp32_names(qdq_model: onnx.ModelProto) -> dict[str, str]:
     return names
 
 
-def _placement(model: onnx.ModelProto, activations: list[str], excluded: set[str]) -> Placement:
-    """Apply the placement rules (module docstring) to the FP32 graph."""
-    graph = model.graph
-    dynamic = set(activations)
-    weighted = [node for node in graph.node if node.op_type in WEIGHTED_OPS and node.name not in excluded]
-    inputs = {name for node in weighted for name in node.input[:2] if name in dynamic}
-    weighted_outputs = {node.output[0] for node in weighted}
-    residual = set()
-    for node in graph.node:
-        if node.op_type != "Add" or node.name in excluded or len(node.input) != 2:
-            continue
-        first, second = node.input
-        if first in weighted_outputs and second in dynamic:
-            residual.add(second)
-        elif second in weighted_outputs and first in dynamic:
-            residual.add(first)
-    quantized = inputs | residual
-
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in set(node.input):
-            consumers.setdefault(name, []).append(node)
-    graph_outputs = {output.name for output in graph.output}
-    shared = []
-    for node in weighted:
-        tensor = node.output[0]
-        while tensor not in quantized and tensor not in graph_outputs and len(consumers.get(tensor, [])) == 1:
-            user = consumers[tensor][0]
-            if user.op_type not in COMMUTING_OPS or user.name in excluded or user.input[0] != tensor:
-                break
-            tensor = user.output[0]
-        if tensor in quantized and tensor != node.output[0]:
-            shared.append((node.output[0], tensor, consumers[tensor][0].name))
-    ranged = [name for name in activations if name in quantized]
-    return Placement(ranged, [name for name in ranged if name not in inputs], shared)
-
-
-def _thresholded_placement(
-    model: onnx.ModelProto, activations: list[str], excluded: set[str], amax: dict[str, float], path: Path
-) -> tuple[Placement, set[str]]:
-    """The placement and the nodes kept in float, for these thresholds.
-
-    A tensor to quantize without a threshold stays in float, with a warning naming it: calibrate leaves out the tensors
-    INT8 cannot represent (Inf values, a mask sentinel), as TensorRT keeps a tensor its cache lacks in float. The
-    weighted ops reading it stay in float too (ONNX Runtime's quantizer needs the ranges of all their inputs).
-    """
-    placement = _placement(model, activations, excluded)
-    missing = _check_thresholds(amax, activations, placement.ranged, path.name)
-    if not missing:
-        return placement, excluded
-    warnings.warn(
-        f"no threshold for {len(missing)} of the {len(placement.ranged)} tensors {path.name} quantizes, left in float:"
-        f" {', '.join(missing)}",
-        stacklevel=3,
-    )
-    weighted = [node for node in model.graph.node if node.op_type in WEIGHTED_OPS and node.name not in excluded]
-    readers = [node for node in weighted if set(node.input[:2]) & set(missing)]
-    unnamed = next((node for node in readers if not node.name), None)
-    if unnamed is not None:
-        tensor = next(name for name in unnamed.input[:2] if name in missing)
-        raise QuantlabError(
-            f"{path}: {tensor} has no threshold and the {unnamed.op_type} reading it has no name, so that node cannot"
-            " be kept in float"
-        )
-    excluded = excluded | {node.name for node in readers}
-    placement = _placement(model, activations, excluded)
-    ranged = [name for name in placement.ranged if name in amax]
-    residual = [name for name in placement.residual if name in amax]
-    return Placement(ranged, residual, [shared for shared in placement.shared if shared[1] in amax]), excluded
-
-
-def _check_thresholds(amax: dict[str, float], activations: list[str], needed: list[str], model_name: str) -> list[str]:
-    """The tensors to quantize that have no threshold. Thresholds for another model (that name tensors which are not
-    activation tensors, or none of those to quantize) and infinite thresholds are refused."""
+def unthresholded(amax: dict[str, float], activations: list[str], needed: list[str], path: Path) -> list[str]:
+    """The tensors of `needed` (those a target quantizes) that have no threshold, named in a warning: they stay in
+    float. Thresholds for another model (that name tensors which are not in `activations`, the model's activation
+    tensors, or none of those to quantize) and infinite thresholds are refused."""
     missing = [name for name in needed if name not in amax]
     if missing and len(missing) == len(needed):
         raise QuantlabError(
-            f"no threshold for {len(missing)} of the {len(needed)} tensors {model_name} quantizes: {_few(missing)}"
+            f"no threshold for {len(missing)} of the {len(needed)} tensors {path.name} quantizes: {_few(missing)}"
             " (are the thresholds for another model?)"
         )
     known = set(activations)
     unknown = [name for name in amax if name not in known]
     if unknown:
         raise QuantlabError(
-            f"{len(unknown)} tensors in the thresholds are not activation tensors of {model_name}: {_few(unknown)}"
+            f"{len(unknown)} tensors in the thresholds are not activation tensors of {path.name}: {_few(unknown)}"
         )
     infinite = [name for name in needed if not math.isfinite(amax.get(name, 0.0))]
     if infinite:
         raise QuantlabError(f"infinite threshold for {len(infinite)} tensors to quantize: {_few(infinite)}")
+    if missing:
+        warnings.warn(
+            f"no threshold for {len(missing)} of the {len(needed)} tensors {path.name} quantizes, left in float:"
+            f" {', '.join(missing)}",
+            stacklevel=5,  # the caller of quantize_qdq
+        )
     return missing
 
 
@@ -426,8 +378,8 @@ def _nodes_named(model: onnx.ModelProto, names: Sequence[str]) -> set[str]:
     return {name if name in node_names else by_output[name] for name in names}
 
 
-def _read_float_inputs(graph: onnx.GraphProto, excluded: set[str]) -> None:
-    """Point the inputs of `keep_fp32` nodes back at the float tensors the quantizer routed through Q/DQ."""
+def read_float_inputs(graph: onnx.GraphProto, excluded: set[str]) -> None:
+    """Point the inputs of the `excluded` nodes back at the float tensors the quantizer routed through Q/DQ."""
     producer = {name: node for node in graph.node for name in node.output}
     for node in graph.node:
         if node.name not in excluded:
