@@ -1,0 +1,279 @@
+"""Export target `onnxruntime` (issue 18): the Q/DQ model ONNX Runtime's CPU provider runs with integer kernels.
+
+One small model built with onnx.helper holds the classes that matter on the real models: a Conv whose weight is a
+Constant node, followed by SiLU (Sigmoid * Mul, as after every YOLOv8 Conv); a Conv followed by BatchNormalization
+and Relu; a residual Add; a Concat of tensors of unrelated ranges feeding a Conv; GlobalAveragePool; MatMul and Gemm;
+and YOLO's post-processing after the last weighted op: class scores (0-1) and box pixels (0-320) concatenated into the
+graph output. It goes through the CLI as a user runs it (collect, calibrate to JSON, export --target onnxruntime,
+drift), and the tests read what ONNX Runtime made of it from its optimized graph.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import quantlab
+from quantlab.engine import INTEGER_KERNELS, optimized_graph
+from quantlab.formats import Thresholds, read_thresholds, write_thresholds
+from quantlab.formats.qdq import export_qdq, quantize_qdq
+from quantlab.model import create_session
+from test_cli import assert_one_line_error, run
+
+WEIGHTED = {"conv1": "Conv", "conv2": "Conv", "conv3": "Conv", "conv4": "Conv", "matmul": "MatMul", "gemm": "Gemm"}
+
+
+def save_zoo(path: Path) -> Path:
+    """x [batch, 3, 16, 16] -> out [batch, 12] (module docstring); node names as in WEIGHTED."""
+    rng = np.random.default_rng(0)
+
+    def weight(*shape: int) -> np.ndarray:
+        return (rng.normal(size=shape) * 0.3).astype(np.float32)
+
+    initializers = {
+        "w2": weight(8, 8, 3, 3), "b2": weight(8), "w3": weight(8, 8, 3, 3), "w4": weight(8, 16, 1, 1),
+        "b4": weight(8), "wm": weight(8, 12), "wg": weight(6, 12), "bg": weight(6), "gamma": 1 + weight(8),
+        "beta": weight(8), "mean": weight(8), "var": np.abs(weight(8)) + 0.5, "hundredth": np.float32(0.01),
+        "pixels": np.float32(320.0),
+    }
+    nodes = [
+        helper.make_node("Constant", [], ["w1"], value=numpy_helper.from_array(weight(8, 3, 3, 3), "w1")),
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Sigmoid", ["c1"], ["s1"], name="silu1_sigmoid"),
+        helper.make_node("Mul", ["c1", "s1"], ["m1"], name="silu1_mul"),
+        helper.make_node("Conv", ["m1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c2", "gamma", "beta", "mean", "var"], ["n2"], name="bn2"),
+        helper.make_node("Relu", ["n2"], ["r2"], name="relu2"),
+        helper.make_node("Conv", ["r2", "w3"], ["c3"], name="conv3", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c3", "m1"], ["a3"], name="residual"),
+        helper.make_node("Sigmoid", ["a3"], ["gate"], name="gate"),
+        helper.make_node("Mul", ["gate", "hundredth"], ["small"], name="shrink"),
+        helper.make_node("Concat", ["a3", "small"], ["cat"], name="concat", axis=1),
+        helper.make_node("Conv", ["cat", "w4", "b4"], ["c4"], name="conv4"),
+        helper.make_node("GlobalAveragePool", ["c4"], ["pooled"], name="pool"),
+        helper.make_node("Flatten", ["pooled"], ["flat"], name="flatten"),
+        helper.make_node("MatMul", ["flat", "wm"], ["mm"], name="matmul"),
+        helper.make_node("Gemm", ["mm", "wg", "bg"], ["logits"], name="gemm", transB=1),
+        helper.make_node("Sigmoid", ["logits"], ["scores"], name="scores"),
+        helper.make_node("Mul", ["scores", "pixels"], ["boxes"], name="boxes"),
+        helper.make_node("Concat", ["boxes", "scores"], ["out"], name="output_concat", axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "zoo",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 16, 16])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 12])],
+        initializer=[numpy_helper.from_array(np.asarray(value), name) for name, value in initializers.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory) -> dict[str, Path]:
+    """The model, its data (calib and held-out), and what collect, calibrate (JSON, with min/max) and
+    `export --target onnxruntime` wrote through the CLI."""
+    root = tmp_path_factory.mktemp("zoo")
+    rng = np.random.default_rng(1)
+    paths = {"model": save_zoo(root / "zoo.onnx"), "calib": root / "calib", "eval": root / "eval"}
+    for directory in (paths["calib"], paths["eval"]):
+        directory.mkdir()
+        for index in range(6):
+            np.save(directory / f"{index:02d}.npy", rng.normal(size=(4, 3, 16, 16)).astype(np.float32))
+    paths.update(histograms=root / "h.npz", thresholds=root / "t.json", qdq=root / "q.onnx")
+    for command in (
+        ("collect", paths["model"], "-d", paths["calib"], "-o", paths["histograms"], "-q"),
+        ("calibrate", paths["histograms"], "-m", "max", "-o", paths["thresholds"]),
+        ("export", paths["model"], "--thresholds", paths["thresholds"], "--target", "onnxruntime", "-o", paths["qdq"]),
+    ):
+        result = run(*map(str, command))
+        assert result.returncode == 0, (command[0], result.stderr)
+    return paths
+
+
+def qdq_of(zoo) -> onnx.ModelProto:
+    return onnx.load(str(zoo["qdq"]))
+
+
+def initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+
+
+def final_sqnr(fp32: onnx.ModelProto, int8: onnx.ModelProto, directory: Path) -> float:
+    feeds = [{"x": np.load(path)} for path in sorted(directory.glob("*.npy"))]
+    reference = np.concatenate([create_session(fp32).run(None, feed)[0] for feed in feeds])
+    observed = np.concatenate([create_session(int8).run(None, feed)[0] for feed in feeds])
+    return float(10 * np.log10(np.sum(reference.astype(np.float64) ** 2) / np.sum((reference - observed) ** 2.0)))
+
+
+def test_onnx_runtime_runs_every_weighted_op_as_an_integer_kernel(zoo):
+    optimized = optimized_graph(qdq_of(zoo))
+    kernels = {node.name: node.op_type for node in optimized.graph.node if node.op_type in INTEGER_KERNELS}
+    assert set(kernels) == set(WEIGHTED)
+    assert {name: kernels[name] for name in WEIGHTED} == {
+        "conv1": "QLinearConv", "conv2": "QLinearConv", "conv3": "QLinearConv", "conv4": "QLinearConv",
+        "matmul": "QLinearMatMul", "gemm": "QGemm",
+    }
+    ops = {node.op_type for node in optimized.graph.node}
+    assert {"QLinearSigmoid", "QLinearMul", "QLinearAdd", "QLinearConcat", "QLinearGlobalAveragePool"} <= ops
+    assert not ops & {"Conv", "FusedConv", "MatMul", "Gemm", "BatchNormalization"}  # BatchNormalization folded
+
+
+def test_activation_scales_and_zero_points_come_from_the_thresholds_and_min_max(zoo):
+    """uint8, asymmetric: scale = (hi - lo) / 255 and zero point round(-lo / scale), with [lo, hi] = [max(min,
+    -amax), min(max, amax)] widened to hold 0, from calibrate's JSON (amax and min_max) for every quantized tensor."""
+    table = json.loads(zoo["thresholds"].read_text())
+    model, fp32 = qdq_of(zoo), onnx.load(str(zoo["model"]))
+    values = initializers(model)
+    readers = {name: [node for node in fp32.graph.node if name in node.input] for name in table["thresholds"]}
+    checked = set()
+    for node in model.graph.node:
+        if node.op_type != "QuantizeLinear" or node.input[0] not in table["thresholds"]:
+            continue
+        tensor = node.input[0]
+        # ONNX Runtime gives a Relu's input the Relu output's range (the Relu is then redundant and dropped).
+        relu = [reader for reader in readers[tensor] if reader.op_type == "Relu"]
+        source = relu[0].output[0] if len(readers[tensor]) == 1 and relu else tensor
+        amax, (low, high) = table["thresholds"][source], table["min_max"][source]
+        low, high = np.float32(min(max(low, -amax), 0.0)), np.float32(max(min(high, amax), 0.0))
+        span = (np.float64(high) - np.float64(low)) / 255
+        scale, zero_point = values[node.input[1]], values[node.input[2]]
+        assert zero_point.dtype == np.uint8, tensor
+        assert scale == np.float32(span), tensor
+        assert zero_point == np.round(-np.float64(low) / span), tensor
+        checked.add(tensor)
+    assert {"x", "m1", "a3", "small", "cat", "c4", "pooled", "mm"} <= checked
+    assert table["min_max"]["r2"][0] == 0.0 and values["r2_zero_point"] == 0  # a Relu output uses all 256 levels
+
+
+def test_each_concat_input_keeps_its_own_range(zoo):
+    """Concat of unrelated ranges (a3: several units, small: 0-0.01): each input is quantized with its own range, the
+    output with the concatenation's, so the small one is not rounded on the large one's grid before the Concat."""
+    values = initializers(qdq_of(zoo))
+    assert values["small_scale"] < values["a3_scale"] / 100
+    assert values["cat_scale"] == pytest.approx(values["a3_scale"], rel=0.5)
+
+
+def test_weights_int8_per_channel_from_constant_node_and_folded_batch_norm(zoo):
+    model = qdq_of(zoo)
+    values = initializers(model)
+    producer = {name: node for node in model.graph.node for name in node.output}
+    for name in ("conv1", "conv2", "conv3", "conv4"):
+        conv = next(node for node in model.graph.node if node.name == name)
+        weight = producer[conv.input[1]]
+        int8_weight, scale, zero_point = (values[tensor] for tensor in weight.input)
+        assert weight.op_type == "DequantizeLinear" and int8_weight.dtype == np.int8 and not zero_point.any(), name
+        assert scale.shape == (8,) and int8_weight.shape[0] == 8, name  # one scale per output channel
+    assert "bn2" not in {node.name for node in model.graph.node}  # folded into conv2's weight and bias
+    assert next(node for node in model.graph.node if node.name == "conv2").output[0] == "n2"
+
+
+def test_post_processing_and_the_graph_output_stay_in_float(zoo):
+    """After the last weighted op (the Gemm), the scores, box pixels and their Concat run in float: one scale over
+    0-320 pixels and 0-1 scores would round every score away (YOLOv8's output)."""
+    model = qdq_of(zoo)
+    producer = {name: node for node in model.graph.node for name in node.output}
+    quantized = {node.input[0] for node in model.graph.node if node.op_type == "QuantizeLinear"}
+    assert not {"scores", "boxes", "out"} & quantized
+    assert producer["out"].op_type == "Concat" and producer["out"].name == "output_concat"
+    assert all(producer[name].op_type != "DequantizeLinear" for name in producer["out"].input)
+    assert final_sqnr(onnx.load(str(zoo["model"])), model, zoo["eval"]) > 30
+
+
+def test_close_to_fp32_on_held_out_data_and_tensorrt_target_unchanged(zoo):
+    fp32 = onnx.load(str(zoo["model"]))
+    table = read_thresholds(zoo["thresholds"])
+    assert final_sqnr(fp32, qdq_of(zoo), zoo["eval"]) > 30
+    tensorrt = quantize_qdq(zoo["model"], table)  # the default target: TensorRT's placement, symmetric int8
+    zero_points = [numpy_helper.to_array(init) for init in tensorrt.graph.initializer if init.name.endswith("_zero_point")]
+    assert zero_points and all(point.dtype == np.int8 and not point.any() for point in zero_points)
+    kernels = [node.op_type for node in optimized_graph(tensorrt).graph.node if node.op_type in INTEGER_KERNELS]
+    assert len(kernels) < len(WEIGHTED)  # SiLU after conv1: TensorRT's placement leaves it an FP32 Conv here
+
+
+def test_drift_reports_engine_integer_kernels_and_both_latencies(zoo, tmp_path):
+    report = tmp_path / "drift.json"
+    result = run("drift", str(zoo["model"]), "-d", str(zoo["eval"]), "--qdq", str(zoo["qdq"]), "--json", str(report))
+    assert result.returncode == 0, result.stderr
+    metadata = json.loads(report.read_text())["metadata"]
+    assert metadata["engine"].startswith("ONNX Runtime ") and "CPUExecutionProvider" in metadata["engine"]
+    assert metadata["integer_kernels"] == {"integer": 6, "weighted": 6}
+    latency = metadata["latency_ms"]
+    assert latency["fp32"] > 0 and latency["int8"] > 0 and latency["samples"] == 16 and latency["passes"] >= 3
+    text = " ".join(result.stdout.split())
+    assert "engine: ONNX Runtime" in text and "Conv/MatMul/Gemm as integer kernels: 6 of 6" in text
+    assert "latency per sample: FP32 " in text and " ms, INT8 " in text
+
+    rebuilt = run("drift", str(zoo["model"]), "-d", str(zoo["eval"]), "--thresholds", str(zoo["thresholds"]),
+                  "--target", "onnxruntime", "--isolated", "--json", str(report))
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert json.loads(report.read_text())["metadata"]["integer_kernels"] == {"integer": 6, "weighted": 6}
+
+
+def test_drift_of_the_tensorrt_placement_names_the_onnxruntime_target(zoo, tmp_path):
+    cache = tmp_path / "t.cache"
+    write_thresholds(cache, read_thresholds(zoo["thresholds"]))
+    result = run("drift", str(zoo["model"]), "-d", str(zoo["eval"]), "--thresholds", str(cache))
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    assert "--target onnxruntime" in text
+
+
+def test_notebook_view_shows_the_engine_lines(zoo):
+    report = quantlab.measure_drift(zoo["model"], zoo["qdq"], zoo["eval"])
+    html = report._repr_html_()
+    assert "engine: ONNX Runtime" in html and "integer kernels: 6 of 6" in html and "latency per sample" in html
+
+
+def test_a_threshold_without_min_max_gives_a_symmetric_uint8_range(zoo, tmp_path):
+    """A TensorRT cache holds amax alone: [-amax, amax], zero point 128, and a warning says how to get asymmetric
+    ranges; Relu stays correct (ONNX Runtime keeps the Relu where the range does not make it redundant)."""
+    table = read_thresholds(zoo["thresholds"])
+    cache = tmp_path / "t.cache"
+    write_thresholds(cache, table)
+    with pytest.warns(UserWarning, match="no min/max .* symmetric, \\[-amax, amax\\]; calibrate to a .json"):
+        model = export_qdq(zoo["model"], read_thresholds(cache), tmp_path / "q.onnx", target="onnxruntime")
+    values = initializers(onnx.load(str(model)))
+    assert values["x_zero_point"] == 128
+    assert values["x_scale"] == np.float32(2 * np.float64(np.float32(read_thresholds(cache).amax["x"])) / 255)
+    assert final_sqnr(onnx.load(str(zoo["model"])), onnx.load(str(model)), zoo["eval"]) > 25
+
+
+def test_any_method_and_keep_fp32(zoo):
+    histograms = quantlab.load_histograms(zoo["histograms"])
+    fp32 = onnx.load(str(zoo["model"]))
+    for method, least in (("kl", 5), ("percentile", 20), ("mse", 20)):  # KL clips hard here, as on the real models
+        table = Thresholds(quantlab.calibrate(histograms, method), min_max=histograms.min_max())
+        model = quantize_qdq(zoo["model"], table, target="onnxruntime")
+        assert final_sqnr(fp32, model, zoo["eval"]) > least, method
+    table = read_thresholds(zoo["thresholds"])
+    kept = quantize_qdq(zoo["model"], table, target="onnxruntime", keep_fp32=["conv3"])
+    conv3 = next(node for node in kept.graph.node if node.name == "conv3")
+    assert conv3.input[1] == "w3"  # its float weight
+    kernels = {node.name for node in optimized_graph(kept).graph.node if node.op_type in INTEGER_KERNELS}
+    assert kernels == set(WEIGHTED) - {"conv3"}  # conv2 still runs as QLinearConv: conv3 reads its dequantized output
+
+
+def test_unknown_target_is_one_line_error(zoo, tmp_path):
+    result = run("export", str(zoo["model"]), "--thresholds", str(zoo["thresholds"]), "--target", "tflite",
+                 "-o", str(tmp_path / "q.onnx"))
+    assert_one_line_error(result, 2, "unknown export target 'tflite'", "tensorrt, onnxruntime")
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_json_table_round_trips_min_max_and_refuses_bad_ones(tmp_path):
+    table = Thresholds({"a": 2.0, "b": 1.5}, {"method": "max"}, {"a": (-0.5, 2.0)})
+    write_thresholds(tmp_path / "t.json", table)
+    back = read_thresholds(tmp_path / "t.json")
+    assert back.min_max == {"a": (-0.5, 2.0)} and back.amax == table.amax and "min_max" not in back.metadata
+    with pytest.raises(quantlab.QuantlabError, match="tensor 'a': min_max must be finite with min <= max"):
+        Thresholds({"a": 1.0}, min_max={"a": (1.0, -1.0)})
+    with pytest.raises(quantlab.QuantlabError, match="tensor 'a': min_max must be two numbers"):
+        Thresholds({"a": 1.0}, min_max={"a": "wide"})
