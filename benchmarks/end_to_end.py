@@ -130,14 +130,11 @@ def run_model_stages(case: realmodels.Case, work: Path, timeout: float) -> tuple
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(realmodels.MODELS), help="comma-separated names (default: all)")
+    realmodels.add_models_option(parser)
     parser.add_argument("--keep", action="store_true", help="keep the work folders (stage logs, histograms, models)")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per stage before it is killed")
     args = parser.parse_args()
-    names = [name for name in args.models.split(",") if name]
-    unknown = sorted(set(names) - set(realmodels.MODELS))
-    if unknown:
-        parser.error(f"unknown model(s) {', '.join(unknown)}; the set is {', '.join(realmodels.MODELS)}")
+    names = realmodels.chosen_models(parser, args)
 
     table = Table(title="quantlab end to end on the real-model set (FP32 vs Q/DQ INT8, held-out samples)")
     table.caption = "SQNR: drift's final output SQNR (the worst output's); task metric: FP32 vs Q/DQ on the eval samples"

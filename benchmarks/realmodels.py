@@ -435,6 +435,20 @@ def task_metric(name: str, fp32_outputs: list[dict[str, np.ndarray]], int8_outpu
     raise ValueError(f"unknown model {name!r}")
 
 
+def add_models_option(parser: argparse.ArgumentParser) -> None:
+    """A benchmark's --models option: comma-separated names of the set, all by default (`chosen_models`)."""
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated names (default: all)")
+
+
+def chosen_models(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """The names --models gives, in its order; an unknown one is the parser's usage error."""
+    names = [name for name in args.models.split(",") if name]
+    unknown = sorted(set(names) - set(MODELS))
+    if unknown:
+        parser.error(f"unknown model(s) {', '.join(unknown)}; the set is {', '.join(MODELS)}")
+    return names
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
