@@ -58,7 +58,8 @@ QUANTIZER_OPTIONS = {
     "WeightSymmetric": True,
     "QDQKeepRemovableActivations": True,
 }
-# Per-channel steps that fold into a Conv: (op, whether the Conv's output may be the op's second input).
+# The elementwise ops that fold into a Conv as a per-channel step -> whether the Conv's output may be either input
+# (Mul, Add) or only the first (x - c, x / c).
 _FOLDABLE = {"Mul": True, "Add": True, "Sub": False, "Div": False}
 
 
@@ -80,7 +81,7 @@ class OnnxRuntimeTarget(ExportTarget):
         model = _rewritten(model, kept)
         types = tensor_types(model)
         floats = [name for name in activation_tensors(model, types) if types.get(name) in QUANTIZABLE_TYPES]
-        op_types = quantized_op_types()
+        op_types = list(quantized_op_types())
         excluded = kept | _post_processing(model, kept)
 
         def touched(node: onnx.NodeProto) -> set[str]:
@@ -116,11 +117,11 @@ TARGET = OnnxRuntimeTarget()
 
 
 @functools.cache
-def quantized_op_types() -> list[str]:
+def quantized_op_types() -> tuple[str, ...]:
     """The op types ONNX Runtime's `quantize_static` quantizes by default in QDQ format."""
     from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
-    return sorted(set(QLinearOpsRegistry) | set(QDQRegistry))
+    return tuple(sorted(set(QLinearOpsRegistry) | set(QDQRegistry)))
 
 
 def _rewritten(model: onnx.ModelProto, kept: set[str]) -> onnx.ModelProto:
@@ -178,7 +179,9 @@ def _channel_vector(value: np.ndarray, channels: int, rank: int) -> np.ndarray |
     return vector if shape[1] == channels else np.full(channels, vector[0])
 
 
-def _affine_step(node: onnx.NodeProto, tensor: str, constants: dict[str, np.ndarray], channels: int, rank: int):
+def _affine_step(
+    node: onnx.NodeProto, tensor: str, constants: dict[str, np.ndarray], channels: int, rank: int
+) -> tuple[np.ndarray, np.ndarray] | None:
     """(scale, shift) per channel of `node` applied to `tensor` (y = scale * x + shift), where it is a per-channel
     affine step with constant parameters; else None."""
     if node.op_type == "BatchNormalization":
