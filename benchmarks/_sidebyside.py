@@ -3,41 +3,83 @@
 from __future__ import annotations
 
 import json
+import resource
+import signal
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+# What a process that ran out of its address space leaves on stderr (Python's, NumPy's and ONNX Runtime's words).
+_OUT_OF_MEMORY = ("MemoryError", "bad_alloc", "Failed to allocate", "Unable to allocate", "out of memory")
 
-def measure_in_fresh_process(module: str, function: str, *args: str) -> dict:
+
+def measure_in_fresh_process(module: str, function: str, *args: str, memory_limit_gb: float | None = None) -> dict:
     """`benchmarks/<module>.py:<function>(*args)` in a new Python; its result dict plus that process's peak RSS.
 
     Peak RSS is VmHWM, which starts afresh at exec (getrusage's ru_maxrss would carry the parent's over).
+    With `memory_limit_gb`, the process's address space is capped there (RLIMIT_AS), so that a tool that holds
+    everything in memory fails alone instead of taking the machine down: a MemoryError in the function, or the process
+    dying of an allocation failure, gives {"out_of_memory": True, "memory_limit_gb": ..., "seconds": None} (with the
+    peak RSS reached where the function itself caught it), any other failure raises with the process's stderr.
     """
     code = (
-        "import json, sys; sys.path.insert(0, %r); import %s as b; r = b.%s(*%r); "
-        "r['peak_rss_mb'] = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')) / 1024; "
+        "import json, sys; sys.path.insert(0, %r); import %s as b\n"
+        "try:\n    r = b.%s(*%r)\n"
+        "except MemoryError as e:\n    r = {'out_of_memory': True, 'seconds': None, 'error': repr(e)[:200]}\n"
+        "r['peak_rss_mb'] = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')) / 1024\n"
         "print(json.dumps(r))"
     ) % (str(Path(__file__).parent), module, function, list(args))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    limit = None if memory_limit_gb is None else int(memory_limit_gb * (1 << 30))
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, preexec_fn=cap if limit is not None else None
+    )
+    if done.returncode == 0:
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+    elif limit is not None and (
+        any(word in done.stderr for word in _OUT_OF_MEMORY) or done.returncode in (-signal.SIGABRT, -signal.SIGSEGV, -signal.SIGKILL)
+    ):
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        result = {"out_of_memory": True, "seconds": None, "peak_rss_mb": None, "error": lines[-1][:200] if lines else ""}
+    else:
+        sys.stderr.write(done.stderr[-4000:])
+        raise subprocess.CalledProcessError(done.returncode, f"{module}.{function}{tuple(args)}", done.stdout, done.stderr)
+    if result.get("out_of_memory"):
+        result["memory_limit_gb"] = memory_limit_gb
+    return result
 
 
-def measure_interleaved(processes: int, jobs: dict[Any, tuple[str, ...]]) -> dict[Any, dict]:
+def measure_interleaved(
+    processes: int, jobs: dict[Any, tuple[str, ...]], memory_limits_gb: dict[Any, float] | None = None
+) -> dict[Any, dict]:
     """Each job `(module, function, *args)` measured in `processes` fresh processes, the jobs taking turns (so that a
     slow spell of the machine hits every job alike): per job, the median seconds and peak RSS (a fresh process's
-    timing and memory layout vary by 10-30% on these machines) and the spread over all its rounds."""
+    timing and memory layout vary by 10-30% on these machines) and the spread: over all its rounds where a job
+    reports its own "spread", else over its processes' seconds. `memory_limits_gb` caps the address space of some
+    jobs' processes (`measure_in_fresh_process`); a job that runs out of memory in any process is reported as such."""
+    limits = memory_limits_gb or {}
     runs: dict[Any, list[dict]] = {key: [] for key in jobs}
     for _ in range(processes):
         for key, job in jobs.items():
-            runs[key].append(measure_in_fresh_process(*job))
+            runs[key].append(measure_in_fresh_process(*job, memory_limit_gb=limits.get(key)))
     results = {}
     for key, measured in runs.items():
+        failed = [run for run in measured if run.get("out_of_memory")]
+        if failed:
+            results[key] = failed[0]
+            continue
         result = dict(measured[0])
         for field in ("seconds", "peak_rss_mb"):
             result[field] = statistics.median(run[field] for run in measured)
-        result["spread"] = [min(run["spread"][0] for run in measured), max(run["spread"][1] for run in measured)]
+        if all("spread" in run for run in measured):
+            result["spread"] = [min(run["spread"][0] for run in measured), max(run["spread"][1] for run in measured)]
+        else:
+            result["spread"] = [min(run["seconds"] for run in measured), max(run["seconds"] for run in measured)]
         results[key] = result
     return results
 
