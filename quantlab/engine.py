@@ -22,7 +22,7 @@ from typing import Any
 
 import onnx
 
-from quantlab.data import Batch
+from quantlab.data import Batch, feed_samples
 from quantlab.errors import QuantlabError, first_line
 from quantlab.formats.qdq import WEIGHTED_OPS
 from quantlab.model import ORT_LOG_SEVERITY, InputSpec, create_session, run_session
@@ -89,7 +89,7 @@ def single_samples(data: Iterable[Batch], inputs: list[InputSpec], count: int = 
     """The first `count` samples of `data` (feeds of any batch size), each as a feed of one sample."""
     feeds: list[Batch] = []
     for feed in data:
-        size = len(feed[inputs[0].name]) if all(spec.has_batch_dim for spec in inputs) else 1
+        size = feed_samples(feed, inputs)
         for index in range(size):
             if len(feeds) == count:
                 return feeds
