@@ -94,7 +94,7 @@ class _Matches:
         return OutputMatch(name, self.dtype, self.values, self.mismatches)
 
 
-class _Sums:
+class PairSums:
     """Running sums of one tensor pair (reference x, quantized y), in float64."""
 
     def __init__(self) -> None:
@@ -291,7 +291,7 @@ def paired_report(
     """
     expected = load_labels(labels)
     top1_output = _first_float_output(runner.outputs, runner.types) if expected is not None else None
-    pairs: dict[str, _Sums | _Matches | str] = {}
+    pairs: dict[str, PairSums | _Matches | str] = {}
     top1 = {"fp32": 0, "int8": 0, "agree": 0}
     samples, total = 0, data.num_samples if isinstance(data, CalibrationData) else None
     for feed in data:
@@ -311,7 +311,7 @@ def paired_report(
     skipped = {**runner.unpaired, **{name: pair for name, pair in pairs.items() if isinstance(pair, str)}}
     results = {name: OutputMatch(name, _type_name(runner.types.get(name)), skipped=reason) for name, reason in skipped.items()}
     for name, pair in pairs.items():
-        if isinstance(pair, _Sums):
+        if isinstance(pair, PairSums):
             results[name] = pair.result(name, runner.ops.get(name, "?"))
         elif isinstance(pair, _Matches):
             results[name] = pair.result(name)
@@ -330,12 +330,12 @@ def paired_report(
     return DriftReport(layers, final, {"mode": "accumulated", "model": str(model), "samples": samples})
 
 
-def _comparison(reference: Any, observed: Any) -> _Sums | _Matches | str:
+def _comparison(reference: Any, observed: Any) -> PairSums | _Matches | str:
     """How to compare a tensor pair: metrics for float tensors, value for value for others; for values that are not
     tensors (the sequences and maps some graph outputs hold), the reason they are not compared."""
     if not (isinstance(reference, np.ndarray) and isinstance(observed, np.ndarray)):
         return "not a tensor"
-    return _Sums() if np.issubdtype(reference.dtype, np.floating) else _Matches(reference.dtype)
+    return PairSums() if np.issubdtype(reference.dtype, np.floating) else _Matches(reference.dtype)
 
 
 def _type_name(elem_type: int | None) -> str:
@@ -445,7 +445,7 @@ def measure_isolated(
     needed = list(dict.fromkeys(name for layer in layers for name in (*layer.sources, layer.output)))
     reference_session = create_session(with_outputs(fp32, needed))
     fed = {spec.name for spec in input_specs(fp32)}
-    sums = [_Sums() for _ in layers]
+    sums = [PairSums() for _ in layers]
     computed = [name for name in needed if name not in fed]
     samples = 0
     with open_data(data, input_specs(fp32), batch_size=batch_size, limit=limit, reread=latency) as opened:
@@ -488,7 +488,7 @@ def measure_final(
     declared = {output.name: output.type.tensor_type.elem_type for output in fp32_model.graph.output}
     output = _first_float_output(list(declared), declared)
     inputs = input_specs(fp32_model)
-    pair, top1, samples = _Sums(), {"fp32": 0, "int8": 0, "agree": 0}, 0
+    pair, top1, samples = PairSums(), {"fp32": 0, "int8": 0, "agree": 0}, 0
     for feed in data:
         (reference,) = run_session(fp32, [output], feed)
         (observed,) = run_session(int8, [output], feed)

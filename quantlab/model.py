@@ -171,7 +171,7 @@ def activation_tensors(model: onnx.ModelProto, types: dict[str, int] | None = No
     names = [name for name in dynamic if types.get(name) in FLOAT_TYPES]
     names.sort(key=[spec.name for spec in input_specs(model)].index)
     for node in model.graph.node:
-        if not _has_subgraph(node) and not any(name in dynamic for name in node.input if name):
+        if not has_subgraph(node) and not any(name in dynamic for name in node.input if name):
             continue
         for name in node.output:
             if name:
@@ -230,12 +230,12 @@ def _computes_constant(node: onnx.NodeProto, constant: set[str]) -> bool:
     return (
         node.domain in ("", "ai.onnx")
         and node.op_type not in _RANDOM_OPS
-        and not _has_subgraph(node)
+        and not has_subgraph(node)
         and all(name in constant for name in node.input if name)
     )
 
 
-def _has_subgraph(node: onnx.NodeProto) -> bool:
+def has_subgraph(node: onnx.NodeProto) -> bool:
     """Whether the node runs a subgraph (If, Loop, Scan), which may read any tensor of the graph around it."""
     return any(attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for attr in node.attribute)
 

@@ -15,7 +15,7 @@ from the rest, so nothing is clipped (TensorRT's and ModelOpt's default). `"mse"
 0.25..1.0 x max|w| (steps of 0.01) with the least mean squared error after rounding, trading clipped outliers for
 finer steps.
 
-Models as exporters write them (`_prepared`): weights held in Constant nodes or computed from constants alone are
+Models as exporters write them (`prepared_model`): weights held in Constant nodes or computed from constants alone are
 folded into initializers, quantized per channel like the others; models below opset 13 are converted; float16 models
 go to opset 19 (float16 scales). The Q/DQ model keeps the FP32 model's graph outputs exactly (names, order, types,
 shapes), inputs passed through as outputs included.
@@ -247,7 +247,7 @@ def quantize_qdq(
     path = Path(model_path)
     fp32 = load_model(path)
     outputs = copy.deepcopy(list(fp32.graph.output))
-    model = _prepared(fp32, path)
+    model = prepared_model(fp32, path)
     model, plan = chosen.plan(model, _nodes_named(model, keep_fp32), table, path)
 
     ranges = {}
@@ -290,7 +290,7 @@ def quantize_qdq(
     return qdq
 
 
-def _prepared(fp32: onnx.ModelProto, path: Path) -> onnx.ModelProto:
+def prepared_model(fp32: onnx.ModelProto, path: Path) -> onnx.ModelProto:
     """The model as ONNX Runtime's quantizer can take it, every activation tensor keeping its name.
 
     The opset is raised to what the Q/DQ nodes need (`_with_min_opset`: 19 where a weighted op reads float16, for
@@ -299,7 +299,8 @@ def _prepared(fp32: onnx.ModelProto, path: Path) -> onnx.ModelProto:
     quantized input's Q/DQ into a cycle through its own output; `quantize_qdq` puts every FP32 output back).
     """
     weighted_inputs = [name for node in fp32.graph.node if node.op_type in WEIGHTED_OPS for name in node.input if name]
-    reads_float16 = any(tensor_types(fp32).get(name) == onnx.TensorProto.FLOAT16 for name in weighted_inputs)
+    types = tensor_types(fp32)
+    reads_float16 = any(types.get(name) == onnx.TensorProto.FLOAT16 for name in weighted_inputs)
     model = _with_min_opset(fp32, path, FLOAT16_OPSET if reads_float16 else MIN_OPSET)
     model = fold_constants(model, weighted_inputs)
     fed = {spec.name for spec in input_specs(model)}
