@@ -247,7 +247,7 @@ def _method_options(method: str, variant: Optional[str], percentile: Optional[fl
 @app.command()
 def calibrate(
     histograms_file: Path = typer.Argument(..., metavar="HISTOGRAMS", help="Histogram file from `quantlab collect`."),
-    method: str = typer.Option("kl", "--method", "-m", help="kl, max, percentile or mse."),
+    method: str = typer.Option("kl", "--method", "-m", help="auto (per group of tensors, the method whose thresholds give the model's outputs the least error, run with ONNX Runtime on calibration samples), kl, max, percentile or mse."),
     variant: Optional[str] = typer.Option(None, "--variant", help="kl: tensorrt (default), modelopt, onnxruntime; percentile: modelopt, onnxruntime."),
     percentile: Optional[float] = typer.Option(None, "--percentile", help="Percentile of |x| for --method percentile (default 99.99)."),
     exact_zeros: Optional[bool] = typer.Option(None, "--exact-zeros/--literal", help="kl tensorrt: exact zeros as their own level (default) or the slides verbatim."),
@@ -256,6 +256,11 @@ def calibrate(
     trt_version: Optional[str] = typer.Option(None, "--trt-version", help="TensorRT version the cache is for (header code), e.g. 8.6.1 or 10.3.0."),
     compare: Optional[str] = typer.Option(None, "--compare", help="Comma-separated methods (or method:variant) to show side by side, e.g. max,kl,percentile."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="With --compare: write amax per tensor per method as an image."),
+    model: Optional[Path] = typer.Option(None, "--model", help="auto: the FP32 model (default: the one the histograms were collected from)."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", metavar="PATH", help=f"auto: calibration samples to run (default: those the histograms were collected from). {DATA_HELP}"),
+    target: Optional[str] = typer.Option(None, "--target", help=f"auto: the export target the thresholds are for (default tensorrt). {TARGET_HELP}"),
+    samples: Optional[int] = typer.Option(None, "--samples", help="auto: run the first N samples (default 32)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Per-tensor thresholds (amax) from histograms, written as a JSON table, TensorRT cache or ORT table."""
     import time
@@ -265,7 +270,7 @@ def calibrate(
     from quantlab.formats import Thresholds, write_thresholds
     from quantlab.histogram import load_histograms
     from quantlab.model import file_sha256
-    from quantlab.report import clipping_table, comparison_table
+    from quantlab.report import auto_summary, clipping_table, comparison_table
 
     check_writable(out)
     if plot is not None:
@@ -275,9 +280,21 @@ def calibrate(
             raise QuantlabError("--plot goes with --compare")
         check_figure_path(plot)
     options = _method_options(method, variant, percentile, exact_zeros)
+    measured = {"model": model, "data": data, "target": target, "samples": samples}
+    measured = {key: value for key, value in measured.items() if value is not None}
+    if method != "auto" and measured:
+        raise QuantlabError(f"--{next(iter(measured))} goes with --method auto")
     histograms = load_histograms(histograms_file)
     started = time.perf_counter()
-    amax = calibrate_all(histograms, method, **options)
+    search = None
+    if method == "auto":
+        from quantlab.calibration.auto import auto_calibrate
+
+        with _progress(quiet) as progress:
+            search = auto_calibrate(histograms, **options, **measured, progress=progress)
+        amax = search.amax
+    else:
+        amax = calibrate_all(histograms, method, **options)
     seconds = time.perf_counter() - started
     metadata = {
         "method": method,
@@ -289,6 +306,8 @@ def calibrate(
             "model_sha256": histograms.metadata.get("model_sha256"),
         },
     }
+    if search is not None:
+        metadata["auto"] = search.summary()
     tables = {}  # the --compare methods run before anything is written: a bad one leaves no output behind
     for spec in (item.strip() for item in (compare or "").split(",") if item.strip()):
         name, _, spec_variant = spec.partition(":")
@@ -299,6 +318,8 @@ def calibrate(
     console = _console()
     console.print(clipping_table(histograms, amax))
     described = " ".join([method, *(f"{key}={value}" for key, value in options.items())])
+    if search is not None:
+        console.print(auto_summary(search))
     console.print(f"wrote {out}: {len(amax)} tensors, method {described}, {seconds * 1000:.1f} ms")
     if compare is not None:
         console.print(comparison_table(histograms, tables))

@@ -153,6 +153,7 @@ def _open(
 def _metadata(model: Path, runner: _Runner, data: CalibrationData, samples: int, started: float) -> dict:
     return {
         "model_name": model.name,
+        "model_path": str(model.resolve()),  # where `calibrate --method auto` finds the model again
         "model_sha256": file_sha256(model),
         "tensors": len(runner.names),
         "measured_tensors": len(runner.measured),  # the others hold a measured tensor's values, rearranged

@@ -172,6 +172,20 @@ def fp32_proposal_table(steps) -> Table:
     return table
 
 
+def auto_summary(search) -> Table:
+    """What `--method auto` measured: the final-output SQNR of each method alone and of the chosen mix, and how many
+    tensors took each method (an `AutoCalibration`)."""
+    table = Table(title=f"auto ({search.target} target): final-output SQNR on {search.samples} calibration samples, worst output")
+    for column in ("thresholds", "final-output SQNR dB", "tensors"):
+        table.add_column(column, justify="left" if column == "thresholds" else "right")
+    counts = search.summary()["tensors_per_candidate"]
+    for label, sqnr in search.candidate_sqnr.items():
+        table.add_row(f"{label} alone", Text(f"{sqnr:.2f}", style=_severity(sqnr)), "")
+    mix = ", ".join(f"{label} {count}" for label, count in sorted(counts.items(), key=lambda item: -item[1]))
+    table.add_row(Text("chosen", style="bold"), Text(f"{search.sqnr:.2f}", style=_severity(search.sqnr)), mix)
+    return table
+
+
 def clipping_table(histograms: HistogramSet, amax: dict[str, float], rows: int = 10) -> Table:
     """The tensors the thresholds clip the most (lowest amax / max|x|), with the share of values clipped."""
     from quantlab.plots import clipped_fraction

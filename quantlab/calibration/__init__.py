@@ -26,12 +26,14 @@ METHODS: dict[str, Callable[..., float]] = {
     "mse": mse.amax,
 }
 
+AUTO = "auto"  # chooses among METHODS per group of tensors by measured output error (calibration/auto.py)
+
 __all__ = ["METHODS", "calibrate", "compute_amax", "kl_curve", "unquantizable"]
 
 
 def _method(method: str, options: Mapping) -> Callable[..., float]:
     if method not in METHODS:
-        raise QuantlabError(f"unknown calibration method {method!r} (choose from {', '.join(METHODS)})")
+        raise QuantlabError(f"unknown calibration method {method!r} (choose from {', '.join([AUTO, *METHODS])})")
     check_options(METHODS[method], options, f"method {method!r}")
     return METHODS[method]
 
@@ -76,7 +78,14 @@ def calibrate(histograms: Mapping[str, Histogram], method: str = "kl", **options
 
     The others (`unquantizable`: no finite value, Inf values, a range set by a mask sentinel) get no threshold, so
     that export leaves them in float; one warning names them, by reason. QuantlabError when no tensor is left.
+    `method="auto"` chooses among the other methods by the model's output error and takes the options of
+    `quantlab.calibration.auto.auto_calibrate` (model, data, target, samples, weight_method).
     """
+    if method == AUTO:
+        from quantlab.calibration.auto import auto_calibrate
+
+        check_options(auto_calibrate, options, f"method {AUTO!r}")
+        return auto_calibrate(histograms, **options).amax
     func = _method(method, options)
     amaxes: dict[str, float] = {}
     left_out: dict[str, list[str]] = {}

@@ -1,0 +1,287 @@
+"""Automatic calibration: each tensor's threshold chosen among the histogram methods' by the error of the model's
+final outputs, measured with ONNX Runtime on calibration samples.
+
+Why: each histogram method optimizes a proxy on the tensor's own values (a KL divergence, a mean squared error, a
+percentile), and which proxy suits a tensor depends on what reads it and on how its error travels to the outputs. A
+Sigmoid hardly notices clipped large inputs; a box regression, a Softmax or a recurrent state the opposite. Clipping
+errors are biased and add up over layers where rounding noise averages out, so a tensor's own error (or its layer's)
+does not rank the candidates the way the outputs do: measured on the real-model benchmark set, choosing per tensor by
+the consuming layer's isolated output error lost to the best single method on three of four models. No single method
+is best on every model either (`benchmarks/accuracy.py`).
+
+How, with a bounded number of runs over the first `samples` calibration samples:
+
+1. Candidates: every method of `CANDIDATES` gives a threshold per tensor, and the export target's Q/DQ model of each
+   gives the exact quantization (scale, zero point, integer type) of every tensor the target quantizes.
+2. One search model: the Q/DQ model with its activation scales and zero points turned into inputs, so one ONNX Runtime
+   session runs any mix of candidates. Each run is scored by the SQNR of the worst float output against FP32.
+3. Every candidate alone (one run each); the best is the start. Then the quantized tensors, in graph order, are cut into
+   `GROUPS` contiguous groups, and each group in turn tries every other candidate (one run each), keeping one that
+   raises the score by more than `MIN_GAIN_DB`. That is len(CANDIDATES) x (1 + GROUPS) runs at most, whatever the
+   number of tensors.
+
+Thresholds are per export target (the tensors it quantizes, its integer types): calibrate for the target you export to.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from quantlab.errors import QuantlabError
+from quantlab.histogram import Histogram
+
+# (label, method, options): the candidate thresholds, in order of preference where two score the same.
+CANDIDATES: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("percentile 99.99", "percentile", {"percentile": 99.99}),
+    ("mse", "mse", {}),
+    ("max", "max", {}),
+    ("percentile 99.999", "percentile", {"percentile": 99.999}),
+    ("percentile 99.9", "percentile", {"percentile": 99.9}),
+    ("kl", "kl", {}),
+)
+GROUPS = 8  # contiguous groups of quantized tensors that choose their candidate together
+MIN_GAIN_DB = 0.2  # a change must gain more than this on all samples and on each half of them: no change on noise
+REFERENCE_BYTES = 256 << 20  # FP32 outputs up to this size are kept between passes instead of computed again
+DEFAULT_SAMPLES = 32
+
+Progress = Callable[[str, int, int | None], None]
+
+
+@dataclass
+class AutoCalibration:
+    """What `auto_calibrate` chose and what it measured on the calibration samples.
+
+    `amax`: the thresholds (tensor -> amax), as `calibrate` returns them. `choices`: tensor -> the candidate whose
+    threshold it got. `candidate_sqnr`: candidate -> SQNR (dB) of the worst float output with every tensor on that
+    candidate; `sqnr`: the same for the chosen mix (at least the best of those). `runs`: the INT8 runs it took.
+    """
+
+    amax: dict[str, float]
+    choices: dict[str, str]
+    candidate_sqnr: dict[str, float]
+    sqnr: float
+    samples: int
+    runs: int
+    target: str
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON-able record `quantlab calibrate` stores in the threshold table's metadata."""
+        counts: dict[str, int] = {}
+        for label in self.choices.values():
+            counts[label] = counts.get(label, 0) + 1
+        return {
+            "target": self.target,
+            "samples": self.samples,
+            "runs": self.runs,
+            "final_sqnr_db": _json_float(self.sqnr),
+            "candidate_sqnr_db": {label: _json_float(value) for label, value in self.candidate_sqnr.items()},
+            "tensors_per_candidate": counts,
+            "choices": self.choices,
+        }
+
+
+def _json_float(value: float) -> float | str:
+    return round(value, 4) if math.isfinite(value) else str(value)
+
+
+def auto_calibrate(
+    histograms: Mapping[str, Histogram],
+    *,
+    model: str | os.PathLike | None = None,
+    data: Any = None,
+    target: str | None = None,
+    samples: int = DEFAULT_SAMPLES,
+    weight_method: str = "max",
+    progress: Progress | None = None,
+) -> AutoCalibration:
+    """Thresholds chosen by the final outputs' error (module docstring) for export target `target`'s Q/DQ model.
+
+    `model` is the FP32 model the histograms were collected from, `data` its calibration samples (anything
+    `quantlab.data.open_data` takes; the first `samples` are run, 1 + GROUPS times). Either defaults to what a
+    histogram file of `quantlab collect` records: the model's path (while the file there is still the model it
+    hashed) and the data's directory or loader script.
+    """
+    from quantlab.calibration import calibrate
+    from quantlab.data import open_data
+    from quantlab.formats import Thresholds
+    from quantlab.formats.qdq import DEFAULT_TARGET, export_target, quantize_qdq
+    from quantlab.model import input_specs, load_model
+
+    target = DEFAULT_TARGET if target is None else target
+    export_target(target)  # a bad name fails before any work
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise QuantlabError(f"samples must be an integer >= 1, got {samples!r}")
+    path, data = _model_and_data(histograms, model, data)
+    fp32 = load_model(path)
+    min_max = histograms.min_max() if hasattr(histograms, "min_max") else {}
+    tables: dict[str, dict[str, float]] = {}
+    for index, (label, method, options) in enumerate(CANDIDATES):
+        with warnings.catch_warnings():
+            if index:  # the tensors left unquantized are the same for every method: warn once
+                warnings.simplefilter("ignore")
+            tables[label] = calibrate(histograms, method, **options)
+    labels = list(tables)
+
+    grids = {}
+    for label in labels:
+        table = Thresholds(tables[label], {}, {name: pair for name, pair in min_max.items() if name in tables[label]})
+        qdq = quantize_qdq(path, table, weight_method=weight_method, target=target)
+        grids[label] = _quantization_grids(qdq)
+    search = _SearchModel(qdq, grids)
+    with open_data(data, input_specs(fp32), limit=samples, batch_size=1) as opened:
+        scorer = _Scorer(fp32, search, opened, progress)
+        start = {label: {group: label for group in range(len(search.groups))} for label in labels}
+        started = scorer.scores(list(start.values()))
+        candidate_sqnr = {label: score[0] for label, score in zip(labels, started)}
+        best = labels[0]
+        for label, tried in zip(labels, started):  # the first in CANDIDATES order unless another beats it everywhere
+            if min(np.subtract(tried, started[labels.index(best)])) > MIN_GAIN_DB:
+                best = label
+        choice, score = start[best], started[labels.index(best)]
+        for group in range(len(search.groups)):
+            trials = [{**choice, group: label} for label in labels if label != choice[group]]
+            scores = scorer.scores(trials)
+            gains = [min(np.subtract(tried, score)) for tried in scores]
+            top = int(np.argmax(gains))
+            if gains[top] > MIN_GAIN_DB:  # better on the whole set and on each half of it
+                choice, score = trials[top], scores[top]
+    per_tensor = {tensor: choice[group] for group, tensors in enumerate(search.groups) for tensor in tensors}
+    choices = {name: per_tensor.get(name, best) for name in tables[best]}
+    amax = {name: tables[label][name] for name, label in choices.items()}
+    return AutoCalibration(amax, choices, candidate_sqnr, score[0], scorer.samples, scorer.runs, target)
+
+
+def _model_and_data(histograms: Mapping[str, Histogram], model: Any, data: Any) -> tuple[Path, Any]:
+    """The model and data to measure on: those given, else those the histogram set's metadata records."""
+    from quantlab.model import file_sha256
+
+    metadata = getattr(histograms, "metadata", {}) or {}
+    hint = "or choose another method (kl, max, percentile, mse), which needs neither"
+    if model is None:
+        recorded = metadata.get("model_path")
+        if not recorded or not Path(recorded).is_file():
+            where = f"the histograms' model {recorded} is not there" if recorded else "the histograms record no model path"
+            raise QuantlabError(f"method 'auto' runs the model: pass model= (--model), since {where}; {hint}")
+        if metadata.get("model_sha256") and file_sha256(recorded) != metadata["model_sha256"]:
+            raise QuantlabError(f"method 'auto': {recorded} changed since the histograms were collected; pass model= (--model)")
+        model = recorded
+    if data is None:
+        origin = metadata.get("data", {}) or {}
+        data = origin.get("directory") or origin.get("loader")
+        if not data:
+            raise QuantlabError(f"method 'auto' runs the model on calibration samples: pass data= (--data); {hint}")
+    return Path(model), data
+
+
+def _quantization_grids(qdq: onnx.ModelProto) -> dict[str, dict[str, np.ndarray]]:
+    """Activation tensor -> {initializer name: value} of the scale and zero point its QuantizeLinear reads."""
+    initializers = {init.name: init for init in qdq.graph.initializer}
+    grids: dict[str, dict[str, np.ndarray]] = {}
+    for node in qdq.graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] not in initializers:
+            tensor = node.input[0].removesuffix("_QuantizeLinear_Input")
+            params = {name: numpy_helper.to_array(initializers[name]) for name in node.input[1:3] if name in initializers}
+            grids.setdefault(tensor, params)
+    return grids
+
+
+class _SearchModel:
+    """A candidate's Q/DQ model whose activation scales and zero points are graph inputs, and the quantized tensors
+    cut into contiguous groups (graph order)."""
+
+    def __init__(self, qdq: onnx.ModelProto, grids: dict[str, dict[str, dict[str, np.ndarray]]]) -> None:
+        self.grids = grids
+        tensors = list(next(iter(grids.values())))
+        owner: dict[str, str] = {}  # parameter -> the first tensor whose QuantizeLinear reads it (shared scales)
+        for tensor in tensors:
+            for name in grids[next(iter(grids))][tensor]:
+                owner.setdefault(name, tensor)
+        self.owner = owner
+        count = min(GROUPS, len(tensors))
+        self.groups = [list(part) for part in np.array_split(np.array(tensors, dtype=object), count)] if count else []
+        self.group_of = {tensor: group for group, part in enumerate(self.groups) for tensor in part}
+        model = onnx.ModelProto()
+        model.CopyFrom(qdq)
+        graph = model.graph
+        kept = [init for init in graph.initializer if init.name not in owner]
+        moved = [init for init in graph.initializer if init.name in owner]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+        graph.input.extend(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)) for init in moved)
+        self.model = model
+
+    def feed(self, choice: dict[int, str]) -> dict[str, np.ndarray]:
+        """The scale and zero-point inputs for a candidate per group."""
+        return {name: self.grids[choice[self.group_of[tensor]]][tensor][name] for name, tensor in self.owner.items()}
+
+
+class _Scorer:
+    """Scores mixes of candidates: the SQNR (dB) of the worst float output against FP32 over the samples."""
+
+    def __init__(self, fp32: onnx.ModelProto, search: _SearchModel, data, progress: Progress | None) -> None:
+        from quantlab.model import FLOAT_TYPES, create_session, input_specs
+
+        declared = {output.name: output.type.tensor_type.elem_type for output in fp32.graph.output}
+        fed = {spec.name for spec in input_specs(fp32)}
+        self.outputs = [name for name, elem in declared.items() if elem in FLOAT_TYPES and name not in fed]
+        if not self.outputs:
+            raise QuantlabError("auto calibration scores the float outputs, and the model has none")
+        self.reference = create_session(fp32)
+        self.session = create_session(search.model)
+        self.search, self.data, self.progress = search, data, progress
+        self.samples = self.runs = 0
+        self.kept: list[list[np.ndarray]] | None = []  # FP32 outputs per batch while they fit REFERENCE_BYTES
+
+    def _references(self, index: int, batch: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The FP32 outputs of the `index`-th batch: kept from the first pass where they fit, else computed."""
+        from quantlab.model import run_session
+
+        if self.kept is not None and index < len(self.kept):
+            return self.kept[index]
+        references = [output.astype(np.float64) for output in run_session(self.reference, self.outputs, batch)]
+        if self.kept is not None:
+            self.kept.append(references)
+            if sum(output.nbytes for outputs in self.kept for output in outputs) > REFERENCE_BYTES:
+                self.kept = None
+        return references
+
+    def scores(self, choices: list[dict[int, str]]) -> list[tuple[float, float, float]]:
+        """One pass over the data (one sample per run), each mix run beside the FP32 model: per mix the SQNR of the
+        worst float output over all samples, over the even-numbered ones and over the odd-numbered ones."""
+        from quantlab.data import feed_samples
+        from quantlab.drift import PairSums
+        from quantlab.model import run_session
+
+        feeds = [self.search.feed(choice) for choice in choices]
+        sums = [[[PairSums() for _ in self.outputs] for _ in range(3)] for _ in choices]
+        samples = 0
+        for index, batch in enumerate(self.data):
+            references = self._references(index, batch)
+            for parts, params in zip(sums, feeds):
+                observed = run_session(self.session, self.outputs, {**batch, **params})
+                for pairs in (parts[0], parts[1 + samples % 2]):
+                    for pair, expected, got in zip(pairs, references, observed):
+                        pair.add(expected, got.astype(np.float64))
+            samples += feed_samples(batch, self.data.inputs)
+            if self.progress:  # in sample runs, of the most the search can take
+                total = self.data.num_samples and self.data.num_samples * len(CANDIDATES) * (1 + len(self.search.groups))
+                self.progress("auto", (self.samples or samples) * self.runs + samples * len(choices), total)
+        if samples == 0:
+            raise QuantlabError("the data holds no samples")
+        self.samples = samples
+        self.runs += len(choices)
+        return [tuple(self._worst(pairs) for pairs in parts) for parts in sums]
+
+    def _worst(self, pairs: list) -> float:
+        """SQNR (dB) of the worst output; +inf where a part holds no sample."""
+        return min((pair.result(name, "").sqnr_db for pair, name in zip(pairs, self.outputs) if pair.values), default=math.inf)
