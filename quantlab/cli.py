@@ -269,7 +269,7 @@ def calibrate(
     from quantlab.calibration import calibrate as calibrate_all
     from quantlab.formats import Thresholds, write_thresholds
     from quantlab.histogram import load_histograms
-    from quantlab.model import file_sha256
+    from quantlab.digest import file_sha256
     from quantlab.report import auto_summary, clipping_table, comparison_table
 
     check_writable(out)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
+from quantlab.digest import file_sha256  # noqa: F401  (here too for the model's callers)
 from quantlab.errors import QuantlabError, QuantlabRuntimeError, first_line
 
 FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
@@ -85,15 +85,6 @@ def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
         if missing:
             raise QuantlabError(f"{path}: external data file missing ({', '.join(missing)})") from None
         raise QuantlabError(f"{path}: cannot read its external data ({first_line(exc)})") from None
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def input_specs(model: onnx.ModelProto) -> list[InputSpec]:

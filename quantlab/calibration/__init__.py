@@ -2,8 +2,11 @@
 
 Methods live in one module each and are registered in `METHODS` by name; a method is a function
 ``(hist, *, option=default, ...) -> float``. Adding a method = one module + one entry below.
-Tables that depend only on the number of bins are cached, so calibrating a whole model builds them once.
-`calibrate` leaves out the tensors INT8 cannot represent (`unquantizable`), so that they stay in float.
+Tables that depend only on the number of bins are cached, so calibrating a whole model builds them once. A method
+may also register a function computing a list of histograms at once in `BATCHED` (kl, mse: histograms of one bin count
+share arrays and matrix products); `calibrate` then hands it every distinct histogram of the set (tensors that share a
+histogram, as Reshape outputs do, are computed once). `calibrate` leaves out the tensors INT8 cannot represent
+(`unquantizable`), so that they stay in float.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ METHODS: dict[str, Callable[..., float]] = {
     "percentile": percentile.amax,
     "mse": mse.amax,
 }
+
+BATCHED: dict[str, Callable[..., list[float]]] = {"kl": kl.amaxes, "mse": mse.amaxes}
 
 AUTO = "auto"  # chooses among METHODS per group of tensors by measured output error (calibration/auto.py)
 
@@ -63,6 +68,29 @@ def _amax(hist: Histogram, func: Callable[..., float], options: Mapping, name: s
         raise QuantlabError(f"{what}: {exc}") from None
 
 
+def _key(hist: Histogram) -> tuple:
+    """What a threshold depends on: two histograms with the same key get the same amax from every method."""
+    stats = (hist.min, hist.max, hist.count, hist.zero_count, hist.nan_count, hist.inf_count)
+    return hist.counts.dtype.str, hist.counts.tobytes(), hist.edges.tobytes(), stats
+
+
+def _batched(hists: Mapping[str, Histogram], method: str, func: Callable[..., float], options: Mapping) -> dict:
+    """amax of each histogram (none empty or all zeros) by the method's batched function, each distinct one once; an
+    error is raised again, naming its tensor, by computing the histograms one at a time."""
+    distinct: dict[tuple, int] = {}
+    firsts: list[Histogram] = []
+    slots: dict[str, int] = {}
+    for name, hist in hists.items():
+        slots[name] = distinct.setdefault(_key(hist), len(firsts))
+        if slots[name] == len(firsts):
+            firsts.append(hist)
+    try:
+        values = BATCHED[method](firsts, **options)
+    except QuantlabError:
+        return {name: _amax(hist, func, options, name) for name, hist in hists.items()}
+    return {name: float(values[slot]) for name, slot in slots.items()}
+
+
 def compute_amax(hist: Histogram, method: str = "kl", **options) -> float:
     """amax of one histogram by `method` ("kl", "max", "percentile", "mse") with its options (docs/kl.md).
 
@@ -89,12 +117,18 @@ def calibrate(histograms: Mapping[str, Histogram], method: str = "kl", **options
     func = _method(method, options)
     amaxes: dict[str, float] = {}
     left_out: dict[str, list[str]] = {}
+    together: dict[str, Histogram] = {}
     for name, hist in histograms.items():  # a loop, not a comprehension: _amax's warnings point at our caller
         reason = unquantizable(_histogram(hist, name))
         if reason:
             left_out.setdefault(reason, []).append(name)
+        elif method in BATCHED and hist.total != 0 and hist.amax != 0:
+            amaxes[name] = 0.0  # its place in the order; computed below with the others
+            together[name] = hist
         else:
             amaxes[name] = _amax(hist, func, options, name)
+    if together:
+        amaxes.update(_batched(together, method, func, options))
     if left_out:
         named = "; ".join(f"{', '.join(map(repr, names))} ({reason})" for reason, names in left_out.items())
         if not amaxes:

@@ -19,6 +19,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
 from quantlab.calibration._common import abs_histogram, check_bool, check_int, check_options, pick, signed_histogram
 from quantlab.errors import QuantlabError
@@ -30,6 +31,8 @@ SMOOTHING = 1e-4  # MXNet's and ONNX Runtime's epsilon, in counts
 ORT_TAYLOR_TERMS = 8  # series terms for sum((c - e) log(c - e)), c >= 1; e = 1e-4 x zeros / non-zeros of the window
 ORT_MARGIN = 1e-5  # float64 candidates this close to the best are re-evaluated in ORT's float32 (its error is < 1e-6)
 CHUNK_ELEMENTS = 16384  # table entries per block of candidates
+ORT_STACK = 64  # histograms searched together by the onnxruntime variant
+ORT_CHUNK_ELEMENTS = 32768  # blocks x candidates x histograms per step of the onnxruntime variant
 
 Search = tuple[np.ndarray, np.ndarray, int | None]  # thresholds, divergences, index of the chosen one
 
@@ -42,8 +45,10 @@ def _xlogx(x: np.ndarray) -> np.ndarray:
 
 
 def _cumsum0(x: np.ndarray) -> np.ndarray:
-    """Cumulative sum with a leading 0, so that sum(x[a:b]) = c[b] - c[a]."""
-    return np.concatenate([[0.0], np.cumsum(x, dtype=np.float64)])
+    """Cumulative sum along the last axis with a leading 0, so that sum(x[..., a:b]) = c[..., b] - c[..., a]."""
+    out = np.zeros((*x.shape[:-1], x.shape[-1] + 1))
+    np.cumsum(x, axis=-1, dtype=np.float64, out=out[..., 1:])
+    return out
 
 
 def _frozen(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -169,14 +174,19 @@ def _modelopt(
 
 @lru_cache(maxsize=32)
 def _ort_table(n_bins: int, levels: int):
-    """ORT's windows [zero - i, zero + i + 1) and the bounds of their `levels` blocks of L // levels bins."""
+    """ORT's windows [zero - i, zero + i + 1) and their `levels` blocks of L // levels bins, by runs of one block width.
+
+    Within a run the candidates' block bounds start + k width are a strided view of a cumulative sum (no gather): a run
+    is (first candidate, end, width, smallest start), its candidates taken from the widest window down.
+    """
     zero = n_bins // 2
     cands = np.arange(levels // 2, zero + 1)
     start = zero - cands
     end = np.minimum(zero + cands + 1, n_bins)
     width = (end - start) // levels
-    bounds = start[None, :] + np.arange(levels + 1)[:, None] * width[None, :]
-    return *_frozen(start, end, width), _chunked(bounds)
+    cuts = [0, *(np.flatnonzero(np.diff(width)) + 1), cands.size]
+    runs = tuple((lo, hi, int(width[lo]), int(start[hi - 1])) for lo, hi in zip(cuts[:-1], cuts[1:]))
+    return *_frozen(start, end, width), runs
 
 
 def _smooth32(x: np.ndarray) -> np.ndarray | None:
@@ -217,7 +227,7 @@ def _smoothed_xlogx(c: np.ndarray, e: np.ndarray) -> np.ndarray:
 
 
 def _smoothed_xlogx_sum(c: np.ndarray, start: np.ndarray, end: np.ndarray, e: np.ndarray) -> np.ndarray:
-    """sum((c - e) log(c - e)) over the non-empty counts of each window [start, end), for integer counts.
+    """sum((c - e) log(c - e)) over the non-empty counts of each window [start, end), for integer counts (rows of c).
 
     (c - e) log(c - e) = c log c - e (log c + 1) + sum_k>=2 e^k / (k (k - 1) c^(k - 1)), over cumulative sums of
     c log c, log c + 1 and c^-k; with c >= 1 and e < 0.5 the series converges fast (ORT_TAYLOR_TERMS).
@@ -225,81 +235,128 @@ def _smoothed_xlogx_sum(c: np.ndarray, start: np.ndarray, end: np.ndarray, e: np
     pos = c > 0
     log_c = np.log(c, where=pos, out=np.zeros_like(c))
     inv = np.divide(1.0, c, where=pos, out=np.zeros_like(c))
-    total = _cumsum0(c * log_c)
-    total = total[end] - total[start]
-    series = _cumsum0(log_c + pos)
-    total -= e * (series[end] - series[start])
+
+    def window_sums(x: np.ndarray) -> np.ndarray:
+        prefix = _cumsum0(x)
+        return np.take_along_axis(prefix, end, -1) - np.take_along_axis(prefix, start, -1)
+
+    total = window_sums(c * log_c) - e * window_sums(log_c + pos)
     power = inv.copy()
     for k in range(2, ORT_TAYLOR_TERMS + 1):
-        series = _cumsum0(power)
-        total += e**k / (k * (k - 1)) * (series[end] - series[start])
+        total += e**k / (k * (k - 1)) * window_sums(power)
         power *= inv
     return total
 
 
-def _ort_block_terms(csum, nonzero, chunks, fixes, p_shift):
-    """Per candidate: q's total and non-empty bins, and sum_j p'_j log q'_j over the blocks (smoothed p', q')."""
+def _ort_block_terms(csum, nonzero, runs, fixes, p_shift, levels):
+    """Per histogram (row) and candidate: q's total and non-empty bins, and sum_j p'_j log q'_j over the blocks.
+
+    A run's block sums are differences of strided views of the cumulative sums, a few histograms at a time, worked in
+    place in buffers allocated once (fresh pages from the OS would cost more than the arithmetic).
+    """
     tail_sum, left, right_in_block, first_fix, end_fix, width, length = fixes
-    q_total, q_nonzero, p_log_q = (np.empty(width.size) for _ in range(3))
-    for cols, bounds in chunks:
-        block, block_nonzero = _diff_at(csum, bounds), _diff_at(nonzero, bounds)  # slice sums; non-empty bins of p
-        block_nonzero[0] += first_fix[cols]
-        block_nonzero[-1] += end_fix[cols]
-        block[-1] += tail_sum[cols]  # ORT's quantized bins: the tail goes into the last one
-        level = np.trunc(block / np.maximum(block_nonzero, 1)) * (block_nonzero > 0)  # int64 q, whole block
-        block[-1] -= tail_sum[cols]
-        block[0] += left[cols]  # p's block sums: outliers in its end bins
-        block[-1] += right_in_block[cols]
-        w = width[cols]
-        q_total[cols] = w * level.sum(axis=0)
-        q_nonzero[cols] = w * (level > 0).sum(axis=0)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            q_shift = SMOOTHING * (length[cols] - q_nonzero[cols]) / q_nonzero[cols]
-        p_smoothed = block - p_shift[cols] * block_nonzero + SMOOTHING * (w - block_nonzero)
-        log_q = np.log(np.where(level > 0, level - q_shift, SMOOTHING))
-        p_log_q[cols] = np.einsum("kc,kc->c", p_smoothed, log_q)
+    q_total, q_nonzero, p_log_q = (np.empty(p_shift.shape) for _ in range(3))
+    guard = SMOOTHING * (levels + 1) >= 1 - SMOOTHING  # q's shift could reach 1: keep level 0 apart explicitly
+    rows = csum.shape[0]
+    longest = max(hi - lo for lo, hi, _, _ in runs)
+    step = max(1, min(rows, ORT_CHUNK_ELEMENTS // (levels * longest)))
+    buffers = np.empty((3, step * levels * longest))
+    for lo, hi, w, first_start in runs:
+        count = hi - lo
+        cols = slice(hi - 1, lo - 1 if lo else None, -1)  # the run's candidates, widest window (first_start) first
+        for top in range(0, rows, step):
+            part = slice(top, top + step)
+            shape = (min(step, rows - top), levels, count)
+            size = shape[0] * levels * count
+            block, block_nonzero, level = (buffers[i, :size].reshape(shape) for i in range(3))
+            for prefix, out in ((csum, block), (nonzero, block_nonzero)):  # slice sums; non-empty bins of p
+                base = prefix[part, first_start:]
+                bounds = as_strided(base, (shape[0], levels + 1, count), (base.strides[0], w * 8, 8))
+                np.subtract(bounds[:, 1:], bounds[:, :-1], out=out)
+            block_nonzero[:, 0] += first_fix[part, cols]
+            block_nonzero[:, -1] += end_fix[part, cols]
+            block[:, -1] += tail_sum[part, cols]  # ORT's quantized bins: the tail goes into the last one
+            np.maximum(block_nonzero, 1, out=level)  # int64 q, whole block; 0 where p's block is empty
+            np.trunc(np.divide(block, level, out=level), out=level)
+            level[:, -1] *= block_nonzero[:, -1] > 0  # (only the last block can hold a sum without non-empty bins)
+            block[:, -1] -= tail_sum[part, cols]
+            block[:, 0] += left[part, cols]  # p's block sums: outliers in its end bins
+            block[:, -1] += right_in_block[part, cols]
+            q_total[part, cols] = w * level.sum(axis=1)
+            nonempty = w * np.count_nonzero(level, axis=1)
+            q_nonzero[part, cols] = nonempty
+            with np.errstate(divide="ignore", invalid="ignore"):
+                q_shift = SMOOTHING * (length[cols] - nonempty) / nonempty
+            if guard:
+                log_q = np.log(np.where(level > 0, level - q_shift[:, None], SMOOTHING))
+            else:  # level >= 1 gives level - q_shift >= 1 - SMOOTHING (levels + 1) > SMOOTHING, level 0 gives <= 0
+                log_q = np.subtract(level, q_shift[:, None], out=level)
+                np.log(np.maximum(log_q, SMOOTHING, out=log_q), out=log_q)
+            # sum_k p'_k log q'_k with p' = block - p_shift nonzero + SMOOTHING (w - nonzero), term by term
+            p_log_q[part, cols] = (
+                np.einsum("rkc,rkc->rc", block, log_q)
+                - (p_shift[part, cols] + SMOOTHING) * np.einsum("rkc,rkc->rc", block_nonzero, log_q)
+                + SMOOTHING * w * log_q.sum(axis=1)
+            )
     return q_total, q_nonzero, p_log_q
 
 
-def _onnxruntime(hist: Histogram, *, num_quantized_bins: int = 128) -> Search:
+def _onnxruntime_searches(hists: list[Histogram], *, num_quantized_bins: int = 128) -> list[Search]:
     """ORT's search, closed form in float64, then ORT's own float32 arithmetic for the candidates near the minimum.
 
     p is the window with the outliers in its end bins, smoothed (zeros -> 1e-4, non-zeros lowered by e); q is the
     window's blocks, truncated to int64 per non-empty bin of p, smoothed likewise. Smoothing keeps each sum, so
-    KL = (sum p' log p' - sum p' log q') / T + log(sum q / T) with sum p' log p' from a series in e.
+    KL = (sum p' log p' - sum p' log q') / T + log(sum q / T) with sum p' log p' from a series in e. Histograms of
+    one bin count are searched together, one per row.
     """
     levels = check_int("num_quantized_bins", num_quantized_bins, 2)
-    counts, edges = signed_histogram(hist)
-    if not np.array_equal(counts, np.round(counts)):
-        raise QuantlabError("the onnxruntime KL variant needs integer counts (ORT's histograms are int64)")
-    ints = counts.astype(np.int64)
-    if ints.size // 2 < levels // 2:
-        return np.empty(0), np.empty(0), None
-    start, end, width, chunks = _ort_table(ints.size, levels)
+    signed = [signed_histogram(hist) for hist in hists]
+    for counts, _ in signed:
+        if not np.array_equal(counts, np.round(counts)):
+            raise QuantlabError("the onnxruntime KL variant needs integer counts (ORT's histograms are int64)")
+    searches: list[Search] = [(np.empty(0), np.empty(0), None)] * len(hists)
+    by_bins: dict[int, list[int]] = {}
+    for i, (counts, _) in enumerate(signed):
+        by_bins.setdefault(counts.size, []).append(i)
+    for n_bins, members in by_bins.items():
+        if n_bins // 2 < levels // 2:
+            continue
+        for lo in range(0, len(members), ORT_STACK):
+            group = members[lo : lo + ORT_STACK]
+            ints = np.stack([signed[i][0] for i in group]).astype(np.int64)
+            for i, (divergence, best) in zip(group, _ort_rows(ints, levels)):
+                searches[i] = signed[i][1][_ort_table(n_bins, levels)[1]], divergence, best
+    return searches
+
+
+def _ort_rows(ints: np.ndarray, levels: int) -> list[tuple[np.ndarray, int]]:
+    """(divergence of every candidate, index of ORT's choice) for each row of a stack of signed int64 histograms."""
+    start, end, width, runs = _ort_table(ints.shape[1], levels)
     c = ints.astype(np.float64)
     csum, nonzero = _cumsum0(c), _cumsum0(c > 0)
-    total = csum[-1]
+    total = csum[:, -1:]
     length = end - start
     tail = length - levels * width  # bins after the last full block: q = 0 there
-    left, right = csum[start], total - csum[end]
-    first, final = c[start] + left, c[end - 1] + right  # p's end bins
+    left, right = csum[:, start], total - csum[:, end]
+    first, final = c[:, start] + left, c[:, end - 1] + right  # p's end bins
     end_in_tail = tail > 0
-    first_fix = (c[start] == 0) & (left > 0)
-    end_fix = (c[end - 1] == 0) & (right > 0)
+    first_fix = (c[:, start] == 0) & (left > 0)
+    end_fix = (c[:, end - 1] == 0) & (right > 0)
     tail_from = end - tail
-    tail_sum = csum[end] - csum[tail_from]
-    tail_nonzero = nonzero[end] - nonzero[tail_from] + end_fix * end_in_tail
-    p_nonzero = nonzero[end] - nonzero[start] + first_fix + end_fix
+    tail_sum = csum[:, end] - csum[:, tail_from]
+    tail_nonzero = nonzero[:, end] - nonzero[:, tail_from] + end_fix * end_in_tail
+    p_nonzero = nonzero[:, end] - nonzero[:, start] + first_fix + end_fix
     p_shift = SMOOTHING * (length - p_nonzero) / p_nonzero
 
     fixes = (tail_sum, left, right * ~end_in_tail, first_fix, end_fix * ~end_in_tail, width, length)
-    q_total, q_nonzero, p_log_q = _ort_block_terms(csum, nonzero, chunks, fixes, p_shift)
+    q_total, q_nonzero, p_log_q = _ort_block_terms(csum, nonzero, runs, fixes, p_shift, levels)
     p_tail = tail_sum + right * end_in_tail - p_shift * tail_nonzero + SMOOTHING * (tail - tail_nonzero)
     p_log_q += p_tail * np.log(SMOOTHING)
 
-    p_log_p = _smoothed_xlogx_sum(c, start, end, p_shift)
+    rows = ints.shape[0]
+    p_log_p = _smoothed_xlogx_sum(c, np.broadcast_to(start, (rows, start.size)), np.broadcast_to(end, (rows, end.size)), p_shift)
     for bin_, value in ((start, first), (end - 1, final)):  # swap the end bins' counts for p's
-        p_log_p += _smoothed_xlogx(value, p_shift) - _smoothed_xlogx(c[bin_], p_shift)
+        p_log_p += _smoothed_xlogx(value, p_shift) - _smoothed_xlogx(c[:, bin_], p_shift)
     p_log_p += (length - p_nonzero) * SMOOTHING * np.log(SMOOTHING)
     with np.errstate(divide="ignore"):
         divergence = (p_log_p - p_log_q) / total + np.log(q_total / total)
@@ -310,16 +367,24 @@ def _onnxruntime(hist: Histogram, *, num_quantized_bins: int = 128) -> Search:
     with np.errstate(divide="ignore", over="ignore"):
         remainder = p_nonzero * p_shift ** (k + 1) / (k * (k + 1) * (1 - p_shift)) / total
     remainder[p_shift >= 1] = np.inf
-    best = np.min(divergence + remainder)
-    near = np.flatnonzero(divergence - remainder <= best + ORT_MARGIN * (1.0 + abs(best)))
-    exact = [_ort_float32_divergence(ints, start[k], end[k], levels) for k in near]
-    return edges[end], divergence, int(near[np.argmin(exact)])
+    results = []
+    for row in range(rows):
+        best = np.min(divergence[row] + remainder[row])
+        near = np.flatnonzero(divergence[row] - remainder[row] <= best + ORT_MARGIN * (1.0 + abs(best)))
+        exact = [_ort_float32_divergence(ints[row], start[k], end[k], levels) for k in near]
+        results.append((divergence[row], int(near[np.argmin(exact)])))
+    return results
+
+
+def _onnxruntime(hist: Histogram, *, num_quantized_bins: int = 128) -> Search:
+    """ORT's search on one histogram (`_onnxruntime_searches`)."""
+    return _onnxruntime_searches([hist], num_quantized_bins=num_quantized_bins)[0]
 
 
 VARIANTS = {"tensorrt": _tensorrt, "modelopt": _modelopt, "onnxruntime": _onnxruntime}
 
 
-def _search(hist: Histogram, variant: str, options: dict) -> Search:
+def _checked(hist: Histogram, variant: str, options: dict) -> Histogram:
     if variant not in VARIANTS:
         raise QuantlabError(f"unknown KL variant {variant!r} (choose from {', '.join(VARIANTS)})")
     check_options(VARIANTS[variant], options, f"KL variant {variant!r}")
@@ -327,13 +392,26 @@ def _search(hist: Histogram, variant: str, options: dict) -> Search:
         raise QuantlabError(f"expected a quantlab Histogram, got {type(hist).__name__}")
     if hist.total == 0:
         raise QuantlabError("the histogram holds no values: there is no KL divergence to minimize")
-    return VARIANTS[variant](hist, **options)
+    return hist
+
+
+def _searches(hists: list[Histogram], variant: str, options: dict) -> list[Search]:
+    """The search of each histogram; the onnxruntime variant searches those of one bin count together."""
+    hists = [_checked(hist, variant, options) for hist in hists]
+    if variant == "onnxruntime":
+        return _onnxruntime_searches(hists, **options)
+    return [VARIANTS[variant](hist, **options) for hist in hists]
+
+
+def amaxes(hists: list[Histogram], *, variant: str = DEFAULT_VARIANT, **options) -> list[float]:
+    """`amax` of each histogram, computed together where the variant gains from it."""
+    searches = _searches(list(hists), variant, options)
+    return [float(hist.edges[-1] if best is None else thresholds[best]) for hist, (thresholds, _, best) in zip(hists, searches)]
 
 
 def amax(hist: Histogram, *, variant: str = DEFAULT_VARIANT, **options) -> float:
     """The threshold minimizing the KL divergence, as the chosen variant computes it (docs/kl.md)."""
-    thresholds, _, best = _search(hist, variant, options)
-    return float(hist.edges[-1] if best is None else thresholds[best])
+    return amaxes([hist], variant=variant, **options)[0]
 
 
 def kl_curve(hist: Histogram, variant: str = DEFAULT_VARIANT, **options) -> tuple[np.ndarray, np.ndarray]:
@@ -341,5 +419,5 @@ def kl_curve(hist: Histogram, variant: str = DEFAULT_VARIANT, **options) -> tupl
 
     The onnxruntime curve is the float64 closed form; ORT's float32 values differ by ~1e-6.
     """
-    thresholds, divergence, _ = _search(hist, variant, options)
+    thresholds, divergence, _ = _searches([hist], variant, options)[0]
     return thresholds, divergence
