@@ -247,7 +247,7 @@ def _method_options(method: str, variant: Optional[str], percentile: Optional[fl
 @app.command()
 def calibrate(
     histograms_file: Path = typer.Argument(..., metavar="HISTOGRAMS", help="Histogram file from `quantlab collect`."),
-    method: str = typer.Option("kl", "--method", "-m", help="auto (per group of tensors, the method whose thresholds give the model's outputs the least error, run with ONNX Runtime on calibration samples), kl, max, percentile or mse."),
+    method: str = typer.Option("auto", "--method", "-m", help="auto (default: the method whose thresholds give the model's worst output the highest SQNR, run with ONNX Runtime on calibration samples; with 32 samples or more, chosen per group of tensors), kl, max, percentile or mse."),
     variant: Optional[str] = typer.Option(None, "--variant", help="kl: tensorrt (default), modelopt, onnxruntime; percentile: modelopt, onnxruntime."),
     percentile: Optional[float] = typer.Option(None, "--percentile", help="Percentile of |x| for --method percentile (default 99.99)."),
     exact_zeros: Optional[bool] = typer.Option(None, "--exact-zeros/--literal", help="kl tensorrt: exact zeros as their own level (default) or the slides verbatim."),
@@ -546,12 +546,12 @@ def demo(
         f"\nheld-out top-1 ({final['samples']} samples): FP32 {final['top1_fp32']:.2%}, "
         f"INT8 Q/DQ in ONNX Runtime {final['top1_int8']:.2%}"
     )
-    console.print(drift_table(result.report, title="INT8 drift per tensor, worst first (KL thresholds)"))
+    console.print(drift_table(result.report, title="INT8 drift per tensor, worst first (auto thresholds)"))
     histograms, written = result.written["histograms"], result.written
     console.print("\nnext:")
-    console.print(f"  quantlab show {histograms} {result.most_clipped_tensor}   # the tensor KL clips the most")
+    console.print(f"  quantlab show {histograms} {result.most_clipped_tensor}   # the tensor the thresholds clip the most")
     console.print(f"  quantlab calibrate {histograms} --compare max,kl,percentile,mse")
-    console.print(f"  quantlab drift {written['FP32 model']} -d {paths.eval_inputs} --thresholds {written['KL thresholds']} --isolated")
+    console.print(f"  quantlab drift {written['FP32 model']} -d {paths.eval_inputs} --thresholds {written['auto thresholds']} --isolated")
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

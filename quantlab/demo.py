@@ -62,7 +62,7 @@ def demo_paths() -> DemoPaths:
 
 def run_demo(out: str | Path, progress: Progress | None = None) -> DemoResult:
     """Run the pipeline on the bundled model into directory `out`; returns what was written."""
-    from quantlab.calibration import calibrate
+    from quantlab.calibration.auto import auto_calibrate
     from quantlab.drift import measure_drift
     from quantlab.formats import Thresholds, write_thresholds
     from quantlab.formats.qdq import export_qdq
@@ -83,9 +83,11 @@ def run_demo(out: str | Path, progress: Progress | None = None) -> DemoResult:
     histograms = collect(model_copy, paths.calib, progress=progress)
     result.written["histograms"] = histograms.save(out / "histograms.npz")
 
-    amax = calibrate(histograms, "kl")
-    thresholds = Thresholds(amax, {"method": "kl", "variant": "tensorrt", "source": {"histograms": "histograms.npz"}})
-    for name, path in (("KL thresholds", out / "thresholds.json"), ("TensorRT calibration cache", out / "model.cache")):
+    search = auto_calibrate(histograms, model=model_copy, data=paths.calib, progress=progress)
+    amax = search.amax
+    metadata = {"method": "auto", "auto": search.summary(), "source": {"histograms": "histograms.npz"}}
+    thresholds = Thresholds(amax, metadata, {name: pair for name, pair in histograms.min_max().items() if name in amax})
+    for name, path in (("auto thresholds", out / "thresholds.json"), ("TensorRT calibration cache", out / "model.cache")):
         write_thresholds(path, thresholds)
         result.written[name] = path
     result.most_clipped_tensor = min(amax, key=lambda name: amax[name] / (histograms[name].amax or 1.0))
@@ -93,7 +95,7 @@ def run_demo(out: str | Path, progress: Progress | None = None) -> DemoResult:
     qdq_path = export_qdq(model_copy, thresholds, out / "model.qdq.onnx")
     result.written["Q/DQ INT8 model"] = qdq_path
     result.report = measure_drift(model_copy, qdq_path, paths.eval_inputs, labels=paths.eval_labels)
-    result.report.metadata["method"] = "kl (tensorrt)"
+    result.report.metadata["method"] = "auto: " + ", ".join(sorted(set(search.choices.values())))
     result.written["drift report"] = result.report.save_json(out / "drift.json")
     result.written["drift plot"] = save_figure(plot_drift(result.report), out / "drift.png")
     return result

@@ -193,8 +193,8 @@ def test_calibrate_is_compute_amax_per_tensor(demo_set, method, options):
 def test_calibrate_builds_the_tables_once_per_bin_count(demo_set):
     kl._group_table.cache_clear()
     kl._ort_table.cache_clear()
-    calibrate(demo_set)
-    calibrate(demo_set, variant="onnxruntime")
+    calibrate(demo_set, "kl")
+    calibrate(demo_set, "kl", variant="onnxruntime")
     distinct = len({hist.counts.tobytes() for hist in demo_set.values()})  # tensors sharing a histogram: computed once
     assert kl._group_table.cache_info().misses == 1 and kl._group_table.cache_info().hits == distinct - 1
     assert kl._ort_table.cache_info().misses == 1

@@ -159,4 +159,4 @@ def test_calibrate_names_the_tensor_of_an_error_raised_in_a_batch():
     hists = {"good": Histogram(np.array([1, 2, 3] * 100), np.linspace(-1, 1, 301)),
              "fractional": Histogram(np.array([0.5] * 300), np.linspace(-1, 1, 301))}
     with pytest.raises(Exception, match="tensor 'fractional'.*integer counts"):
-        calibrate(HistogramSet(hists, {}), variant="onnxruntime")
+        calibrate(HistogramSet(hists, {}), "kl", variant="onnxruntime")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import quantlab
+from quantlab.calibration.auto import CANDIDATES
 from conftest import CALIB_DIR, DEMO_MODEL, ROOT
 
 
@@ -72,10 +73,15 @@ def test_demo_runs_every_stage(tmp_path):
     assert (out / "model.onnx").read_bytes() == DEMO_MODEL.read_bytes()
     histograms = quantlab.load_histograms(out / "histograms.npz")
     assert len(histograms) == 15
-    kl = quantlab.read_thresholds(out / "thresholds.json")
-    assert kl.amax == pytest.approx(quantlab.calibrate(histograms, "kl"))
+    table = quantlab.read_thresholds(out / "thresholds.json")
+    assert table.metadata["method"] == "auto"
+    methods = {label: (method, options) for label, method, options in CANDIDATES}
+    for name, label in table.metadata["auto"]["choices"].items():  # each tensor has its chosen method's threshold
+        method, options = methods[label]
+        assert table.amax[name] == pytest.approx(quantlab.compute_amax(histograms[name], method, **options), rel=1e-6)
+    assert table.amax == pytest.approx(quantlab.calibrate(histograms), rel=1e-6)  # the API's default: the same search
     cache = quantlab.read_thresholds(out / "model.cache")
-    assert cache.amax == pytest.approx(kl.amax, rel=1e-6)
+    assert cache.amax == pytest.approx(table.amax, rel=1e-6)
     report = json.loads((out / "drift.json").read_text())
     top1 = report["final"]["top1_int8"]
     assert abs(top1 - report["final"]["top1_fp32"]) <= 0.01

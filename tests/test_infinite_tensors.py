@@ -300,4 +300,4 @@ def test_calibrate_leaves_them_out_with_one_warning_naming_them():
         assert list(amax) == ["scores", "ten_thousand_mask"]
         assert amax["ten_thousand_mask"] == compute_amax(histograms["ten_thousand_mask"], method, **options)
     with pytest.raises(QuantlabError, match=r"^no tensor can be quantized: 'inf_mask' \(Inf values"):
-        calibrate({"inf_mask": histograms["inf_mask"]})
+        calibrate({"inf_mask": histograms["inf_mask"]}, "kl")

@@ -101,12 +101,12 @@ def compute_amax(hist: Histogram, method: str = "kl", **options) -> float:
     return _amax(hist, _method(method, options), options, None)
 
 
-def calibrate(histograms: Mapping[str, Histogram], method: str = "kl", **options) -> dict[str, float]:
+def calibrate(histograms: Mapping[str, Histogram], method: str = "auto", **options) -> dict[str, float]:
     """amax of every tensor of a histogram set (name -> amax, in the set's order) that INT8 can represent.
 
     The others (`unquantizable`: no finite value, Inf values, a range set by a mask sentinel) get no threshold, so
     that export leaves them in float; one warning names them, by reason. QuantlabError when no tensor is left.
-    `method="auto"` chooses among the other methods by the model's output error and takes the options of
+    `method="auto"` (the default) chooses among the other methods by the model's output error and takes the options of
     `quantlab.calibration.auto.auto_calibrate` (model, data, target, samples, weight_method).
     """
     if method == AUTO:
