@@ -15,9 +15,9 @@ How, with a bounded number of runs over the first `samples` calibration samples:
    gives the exact quantization (scale, zero point, integer type) of every tensor the target quantizes.
 2. One search model: the Q/DQ model with its activation scales and zero points turned into inputs, so one ONNX Runtime
    session runs any mix of candidates. Each run is scored by the SQNR of the worst float output against FP32.
-3. Every candidate alone (one run each). The first of `CANDIDATES` is the start, and a later one replaces it only when
-   it scores more than `MIN_GAIN_DB` higher on all samples and on each half of them (even- and odd-numbered): a
-   method must win on data it was not lucky on.
+3. Every candidate alone (one run each). The first of `CANDIDATES` is the start; the best of the others replaces it
+   when it scores more than `MIN_GAIN_DB` higher on all samples and not more than `MIN_GAIN_DB` lower on either half
+   of them (even- and odd-numbered samples): a gain that one half contradicts is noise.
 4. Refinement, with at least `REFINE_MIN_SAMPLES` samples (or `groups=` given): the quantized tensors, in graph order,
    are cut into `GROUPS` contiguous groups, and each group in turn tries every other candidate (one run each),
    keeping one by the same rule. That is len(CANDIDATES) x (1 + GROUPS) runs at most, whatever the number of tensors.
@@ -57,7 +57,7 @@ CANDIDATES: tuple[tuple[str, str, dict[str, Any]], ...] = (
 )
 GROUPS = 8  # contiguous groups of quantized tensors that choose their candidate together
 REFINE_MIN_SAMPLES = 32  # refinement by groups needs halves of at least 16 samples
-MIN_GAIN_DB = 0.2  # a change must gain more than this on all samples and on each half of them: no change on noise
+MIN_GAIN_DB = 0.2  # a change must gain more than this on all samples and lose no more on either half (`_wins`)
 REFERENCE_BYTES = 256 << 20  # FP32 outputs up to this size are kept between passes instead of computed again
 DEFAULT_SAMPLES = 32
 
@@ -155,24 +155,28 @@ def auto_calibrate(
         start = {label: {group: label for group in range(len(search.groups))} for label in labels}
         started = scorer.scores(list(start.values()))
         candidate_sqnr = {label: score[0] for label, score in zip(labels, started)}
-        best = labels[0]
-        for label, tried in zip(labels, started):  # the first in CANDIDATES order unless another beats it everywhere
-            if min(np.subtract(tried, started[labels.index(best)])) > MIN_GAIN_DB:
-                best = label
+        winners = [label for label, tried in zip(labels, started) if _wins(tried, started[0])]
+        best = max(winners, key=lambda label: candidate_sqnr[label], default=labels[0])
         choice, score = start[best], started[labels.index(best)]
         refine = groups if groups is not None else (GROUPS if scorer.samples >= REFINE_MIN_SAMPLES else 0)
         scorer.planned = len(labels) + (len(labels) - 1) * len(search.groups) if refine else len(labels)
         for group in range(len(search.groups) if refine else 0):
             trials = [{**choice, group: label} for label in labels if label != choice[group]]
             scores = scorer.scores(trials)
-            gains = [min(np.subtract(tried, score)) for tried in scores]
-            top = int(np.argmax(gains))
-            if gains[top] > MIN_GAIN_DB:  # better on the whole set and on each half of it
+            top = int(np.argmax([tried[0] for tried in scores]))
+            if _wins(scores[top], score):
                 choice, score = trials[top], scores[top]
     per_tensor = {tensor: choice[group] for group, tensors in enumerate(search.groups) for tensor in tensors}
     choices = {name: per_tensor.get(name, best) for name in tables[best]}
     amax = {name: tables[label][name] for name, label in choices.items()}
     return AutoCalibration(amax, choices, candidate_sqnr, score[0], scorer.samples, scorer.runs, target)
+
+
+def _wins(tried: tuple[float, float, float], current: tuple[float, float, float]) -> bool:
+    """Whether scores (all samples, even half, odd half) beat the current ones: more than MIN_GAIN_DB higher on all
+    samples, and not more than MIN_GAIN_DB lower on either half (a gain that one half contradicts is noise)."""
+    gains = np.subtract(tried, current)
+    return bool(gains[0] > MIN_GAIN_DB and min(gains[1:]) > -MIN_GAIN_DB)
 
 
 def _model_and_data(histograms: Mapping[str, Histogram], model: Any, data: Any) -> tuple[Path, Any]:
