@@ -13,8 +13,9 @@ How, with a bounded number of runs over the first `samples` calibration samples:
 
 1. Candidates: every method of `CANDIDATES` gives a threshold per tensor, and the export target's Q/DQ model of each
    gives the exact quantization (scale, zero point, integer type) of every tensor the target quantizes.
-2. One search model: the Q/DQ model with its activation scales and zero points turned into inputs, so one ONNX Runtime
-   session runs any mix of candidates. Each run is scored by the SQNR of the worst float output against FP32.
+2. One search model: the Q/DQ model with the initializers that differ between candidates (activation scales and zero
+   points, and the int32 biases derived from them) turned into inputs, so one ONNX Runtime session runs every candidate
+   and any mix of them. Each run is scored by the SQNR of the worst float output against FP32.
 3. Every candidate alone (one run each). The first of `CANDIDATES` is the start; the best of the others replaces it
    when it scores more than `MIN_GAIN_DB` higher on all samples and not more than `MIN_GAIN_DB` lower on either half
    of them (even- and odd-numbered samples): a gain that one half contradicts is noise.
@@ -144,12 +145,11 @@ def auto_calibrate(
             tables[label] = calibrate(histograms, method, **options)
     labels = list(tables)
 
-    grids = {}
+    models = {}
     for label in labels:
         table = Thresholds(tables[label], {}, {name: pair for name, pair in min_max.items() if name in tables[label]})
-        qdq = quantize_qdq(path, table, weight_method=weight_method, target=target)
-        grids[label] = _quantization_grids(qdq)
-    search = _SearchModel(qdq, grids, groups or GROUPS)
+        models[label] = quantize_qdq(path, table, weight_method=weight_method, target=target)
+    search = _SearchModel(models, groups or GROUPS)
     with open_data(data, input_specs(fp32), limit=samples, batch_size=1) as opened:
         scorer = _Scorer(fp32, search, opened, progress)
         start = {label: {group: label for group in range(len(search.groups))} for label in labels}
@@ -159,6 +159,7 @@ def auto_calibrate(
         best = max(winners, key=lambda label: candidate_sqnr[label], default=labels[0])
         choice, score = start[best], started[labels.index(best)]
         refine = groups if groups is not None else (GROUPS if scorer.samples >= REFINE_MIN_SAMPLES else 0)
+        refine = refine if search.mixable else 0
         scorer.planned = len(labels) + (len(labels) - 1) * len(search.groups) if refine else len(labels)
         for group in range(len(search.groups) if refine else 0):
             trials = [{**choice, group: label} for label in labels if label != choice[group]]
@@ -201,46 +202,79 @@ def _model_and_data(histograms: Mapping[str, Histogram], model: Any, data: Any) 
     return Path(model), data
 
 
-def _quantization_grids(qdq: onnx.ModelProto) -> dict[str, dict[str, np.ndarray]]:
-    """Activation tensor -> {initializer name: value} of the scale and zero point its QuantizeLinear reads."""
-    initializers = {init.name: init for init in qdq.graph.initializer}
-    grids: dict[str, dict[str, np.ndarray]] = {}
-    for node in qdq.graph.node:
-        if node.op_type == "QuantizeLinear" and node.input[0] not in initializers:
-            tensor = node.input[0].removesuffix("_QuantizeLinear_Input")
-            params = {name: numpy_helper.to_array(initializers[name]) for name in node.input[1:3] if name in initializers}
-            grids.setdefault(tensor, params)
-    return grids
-
-
 class _SearchModel:
-    """A candidate's Q/DQ model whose activation scales and zero points are graph inputs, and the quantized tensors
-    cut into contiguous groups (graph order)."""
+    """The candidates' Q/DQ models as one: where they differ only in initializer values (scales, zero points, and
+    the int32 biases an onnxruntime-target model derives from them), those initializers become graph inputs and one
+    session runs every candidate, exactly as its own model would. Mixing candidates across groups of tensors
+    (`mixable`) needs every differing initializer to be a scale or zero point an activation's QuantizeLinear reads, so
+    that a group's choice moves nothing else; models that differ in structure run one session each, unmixed."""
 
-    def __init__(self, qdq: onnx.ModelProto, grids: dict[str, dict[str, dict[str, np.ndarray]]], groups: int) -> None:
-        self.grids = grids
-        tensors = list(next(iter(grids.values())))
-        owner: dict[str, str] = {}  # parameter -> the first tensor whose QuantizeLinear reads it (shared scales)
-        for tensor in tensors:
-            for name in grids[next(iter(grids))][tensor]:
-                owner.setdefault(name, tensor)
-        self.owner = owner
+    def __init__(self, models: dict[str, onnx.ModelProto], groups: int) -> None:
+        from quantlab.model import create_session
+
+        self.models, self.create_session = models, create_session
+        first = next(iter(models.values()))
+        values = {label: {init.name: numpy_helper.to_array(init) for init in model.graph.initializer} for label, model in models.items()}
+        base = values[next(iter(values))]
+        self.shared = all(_structure(model) == _structure(first) for model in models.values())
+        differing = [
+            name for name in base if self.shared and any(not np.array_equal(found[name], base[name]) for found in values.values())
+        ]
+        self.values = {label: {name: found[name] for name in differing} for label, found in values.items()}
+        owner = _activation_parameters(first)  # scale/zero point -> the tensor whose QuantizeLinear reads it
+        tensors = list(dict.fromkeys(owner.values()))
         count = min(groups, len(tensors))
         self.groups = [list(part) for part in np.array_split(np.array(tensors, dtype=object), count)] if count else []
         self.group_of = {tensor: group for group, part in enumerate(self.groups) for tensor in part}
-        model = onnx.ModelProto()
-        model.CopyFrom(qdq)
-        graph = model.graph
-        kept = [init for init in graph.initializer if init.name not in owner]
-        moved = [init for init in graph.initializer if init.name in owner]
-        del graph.initializer[:]
-        graph.initializer.extend(kept)
-        graph.input.extend(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)) for init in moved)
-        self.model = model
+        self.owner = owner
+        self.mixable = self.shared and all(name in owner for name in differing)
+        self.sessions: dict[str, Any] = {}
+        if self.shared:
+            model = onnx.ModelProto()
+            model.CopyFrom(first)
+            graph = model.graph
+            moved = [init for init in graph.initializer if init.name in self.values[next(iter(self.values))]]
+            kept = [init for init in graph.initializer if init.name not in self.values[next(iter(self.values))]]
+            del graph.initializer[:]
+            graph.initializer.extend(kept)
+            graph.input.extend(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)) for init in moved)
+            self.sessions[""] = create_session(model)
 
-    def feed(self, choice: dict[int, str]) -> dict[str, np.ndarray]:
-        """The scale and zero-point inputs for a candidate per group."""
-        return {name: self.grids[choice[self.group_of[tensor]]][tensor][name] for name, tensor in self.owner.items()}
+    def run(self, choice: dict[int, str], outputs: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The outputs of the mix `choice` (group -> candidate) on one feed."""
+        from quantlab.model import run_session
+
+        labels = set(choice.values())
+        if not self.shared:  # one model per candidate: only unmixed choices exist (mixable is False)
+            (label,) = labels
+            if label not in self.sessions:
+                self.sessions[label] = self.create_session(self.models[label])
+            return run_session(self.sessions[label], outputs, feed)
+        uniform = next(iter(labels)) if len(labels) == 1 else None
+        params = {
+            name: self.values[uniform or choice[self.group_of[self.owner[name]]]][name] for name in self.values[next(iter(self.values))]
+        }
+        return run_session(self.sessions[""], outputs, {**feed, **params})
+
+
+def _structure(model: onnx.ModelProto) -> list[tuple]:
+    """A Q/DQ model's graph without initializer values: its nodes and the initializers' names and shapes."""
+    nodes = [(node.op_type, tuple(node.input), tuple(node.output)) for node in model.graph.node]
+    return [nodes, sorted((init.name, tuple(init.dims), init.data_type) for init in model.graph.initializer)]
+
+
+def _activation_parameters(qdq: onnx.ModelProto) -> dict[str, str]:
+    """Scale or zero-point initializer -> the activation tensor whose QuantizeLinear reads it (the first, where a
+    scale is shared)."""
+    initializers = {init.name for init in qdq.graph.initializer}
+    owner: dict[str, str] = {}
+    for node in qdq.graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] not in initializers:
+            tensor = node.input[0].removesuffix("_QuantizeLinear_Input")
+            for name in node.input[1:3]:
+                if name in initializers:
+                    owner.setdefault(name, tensor)
+    return owner
 
 
 class _Scorer:
@@ -255,7 +289,6 @@ class _Scorer:
         if not self.outputs:
             raise QuantlabError("auto calibration scores the float outputs, and the model has none")
         self.reference = create_session(fp32)
-        self.session = create_session(search.model)
         self.search, self.data, self.progress = search, data, progress
         self.samples = self.runs = 0
         self.planned = len(CANDIDATES) * (1 + len(search.groups))  # the most runs the search can take
@@ -279,15 +312,13 @@ class _Scorer:
         worst float output over all samples, over the even-numbered ones and over the odd-numbered ones."""
         from quantlab.data import feed_samples
         from quantlab.drift import PairSums
-        from quantlab.model import run_session
 
-        feeds = [self.search.feed(choice) for choice in choices]
         sums = [[[PairSums() for _ in self.outputs] for _ in range(3)] for _ in choices]
         samples = 0
         for index, batch in enumerate(self.data):
             references = self._references(index, batch)
-            for parts, params in zip(sums, feeds):
-                observed = run_session(self.session, self.outputs, {**batch, **params})
+            for parts, choice in zip(sums, choices):
+                observed = self.search.run(choice, self.outputs, batch)
                 for pairs in (parts[0], parts[1 + samples % 2]):
                     for pair, expected, got in zip(pairs, references, observed):
                         pair.add(expected, got.astype(np.float64))
