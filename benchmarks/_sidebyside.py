@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import resource
 import signal
 import statistics
@@ -15,14 +16,25 @@ from typing import Any
 _OUT_OF_MEMORY = ("MemoryError", "bad_alloc", "Failed to allocate", "Unable to allocate", "out of memory")
 
 
-def measure_in_fresh_process(module: str, function: str, *args: str, memory_limit_gb: float | None = None) -> dict:
+def measure_in_fresh_process(
+    module: str,
+    function: str,
+    *args: str,
+    memory_limit_gb: float | None = None,
+    timeout: float | None = None,
+    python: str | None = None,
+    echo_stderr: bool = True,
+) -> dict:
     """`benchmarks/<module>.py:<function>(*args)` in a new Python; its result dict plus that process's peak RSS.
 
     Peak RSS is VmHWM, which starts afresh at exec (getrusage's ru_maxrss would carry the parent's over).
     With `memory_limit_gb`, the process's address space is capped there (RLIMIT_AS), so that a tool that holds
     everything in memory fails alone instead of taking the machine down: a MemoryError in the function, or the process
     dying of an allocation failure, gives {"out_of_memory": True, "memory_limit_gb": ..., "seconds": None} (with the
-    peak RSS reached where the function itself caught it), any other failure raises with the process's stderr.
+    peak RSS reached where the function itself caught it), any other failure raises CalledProcessError with the
+    process's stderr (also echoed to ours unless not `echo_stderr`). With `timeout` (seconds), the process runs in a
+    session of its own, which is killed whole when the time is up (subprocess.TimeoutExpired). `python`: the
+    interpreter (default: this one), e.g. a virtual environment's with a peer tool installed.
     """
     code = (
         "import json, sys; sys.path.insert(0, %r); import %s as b\n"
@@ -36,9 +48,19 @@ def measure_in_fresh_process(module: str, function: str, *args: str, memory_limi
     def cap() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, preexec_fn=cap if limit is not None else None
+    process = subprocess.Popen(
+        [python or sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=cap if limit is not None else None, start_new_session=timeout is not None,
     )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except BaseException:  # the time is up, or Ctrl-C here: the process and any it started go too
+        if timeout is not None and process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.kill()
+        process.communicate()
+        raise
+    done = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     if done.returncode == 0:
         result = json.loads(done.stdout.strip().splitlines()[-1])
     elif limit is not None and (
@@ -47,7 +69,8 @@ def measure_in_fresh_process(module: str, function: str, *args: str, memory_limi
         lines = [line for line in done.stderr.splitlines() if line.strip()]
         result = {"out_of_memory": True, "seconds": None, "peak_rss_mb": None, "error": lines[-1][:200] if lines else ""}
     else:
-        sys.stderr.write(done.stderr[-4000:])
+        if echo_stderr:
+            sys.stderr.write(done.stderr[-4000:])
         raise subprocess.CalledProcessError(done.returncode, f"{module}.{function}{tuple(args)}", done.stdout, done.stderr)
     if result.get("out_of_memory"):
         result["memory_limit_gb"] = memory_limit_gb
