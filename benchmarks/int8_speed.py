@@ -52,8 +52,15 @@ def samples(model: onnx.ModelProto, directory: Path) -> list[dict[str, np.ndarra
         return single_samples(opened, opened.inputs, count=10**9)
 
 
-def ort_quantized(model_path: Path, calib: list[dict[str, np.ndarray]], symmetric: bool) -> onnx.ModelProto:
-    """ONNX Runtime's `quantize_static` output: QDQ, uint8 activations, int8 per-channel weights, MinMax on calib."""
+def ort_quantized(
+    model_path: Path,
+    calib: list[dict[str, np.ndarray]],
+    symmetric: bool,
+    calibrate_method: str = "MinMax",
+    activation_type: str = "QUInt8",
+) -> onnx.ModelProto:
+    """ONNX Runtime's `quantize_static` output: QDQ, int8 per-channel weights, uint8 activations (or
+    `activation_type`), MinMax (or `calibrate_method`: Percentile, Entropy) on calib."""
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):
@@ -67,7 +74,8 @@ def ort_quantized(model_path: Path, calib: list[dict[str, np.ndarray]], symmetri
         out = Path(tmp) / "ort.qdq.onnx"
         quantize_static(
             str(model_path), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+            activation_type=QuantType[activation_type], weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod[calibrate_method],
             extra_options={"ActivationSymmetric": symmetric},
         )
         return onnx.load(str(out))
