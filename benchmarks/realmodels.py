@@ -382,6 +382,16 @@ def load_sample(path: Path, input_names: list[str]) -> dict[str, np.ndarray]:
         return {key: arrays[key] for key in arrays.files}
 
 
+def _sample_files(directory: Path) -> list[Path]:
+    return sorted(path for path in directory.iterdir() if path.suffix in (".npy", ".npz"))
+
+
+def load_samples(model: Path, directory: Path) -> list[dict[str, np.ndarray]]:
+    """Every sample of `directory`, in file order, as an ONNX Runtime feed of `model` (one sample each)."""
+    inputs = _input_names(model)
+    return [load_sample(path, inputs) for path in _sample_files(directory)]
+
+
 def run_model(model: Path, directory: Path) -> list[dict[str, np.ndarray]]:
     """Every graph output, by name, of `model` in ONNX Runtime (CPU) on each sample of `directory`, in file order."""
     import onnxruntime as ort
@@ -389,10 +399,7 @@ def run_model(model: Path, directory: Path) -> list[dict[str, np.ndarray]]:
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     inputs = [spec.name for spec in session.get_inputs()]
     outputs = [spec.name for spec in session.get_outputs()]
-    return [
-        dict(zip(outputs, session.run(outputs, load_sample(path, inputs))))
-        for path in sorted(p for p in directory.iterdir() if p.suffix in (".npy", ".npz"))
-    ]
+    return [dict(zip(outputs, session.run(outputs, load_sample(path, inputs)))) for path in _sample_files(directory)]
 
 
 def _ctc_greedy(probabilities: np.ndarray) -> tuple[int, ...]:
@@ -406,6 +413,10 @@ def _top_box_class(prediction: np.ndarray) -> int:
     """YOLOv8 output [1, 4 + C, N]: the class of the box with the highest class score."""
     scores = prediction[0, 4:, :]
     return int(scores[:, scores.max(axis=0).argmax()].argmax())
+
+
+# The task metrics where less is better (all others: more is better).
+LOWER_IS_BETTER = frozenset({"silero_vad_16k"})
 
 
 def task_metric(name: str, fp32_outputs: list[dict[str, np.ndarray]], int8_outputs: list[dict[str, np.ndarray]]) -> tuple[str, float]:
