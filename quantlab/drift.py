@@ -28,7 +28,7 @@ from quantlab.data import Batch, CalibrationData, DataSource, feed_samples, open
 from quantlab.engine import engine_summary, optimized_graph, single_samples
 from quantlab.errors import QuantlabError, QuantlabRuntimeError, reading
 from quantlab.formats import Thresholds
-from quantlab.formats.qdq import DEFAULT_TARGET
+from quantlab.formats.qdq import DEFAULT_TARGET, DEQUANTIZED_SUFFIX
 from quantlab.model import (
     FLOAT_TYPES,
     ORT_LOG_SEVERITY,
@@ -41,8 +41,6 @@ from quantlab.model import (
     tensor_types,
     with_outputs,
 )
-
-DEQUANTIZED_SUFFIX = "_DequantizeLinear_Output"
 
 
 @dataclass

@@ -21,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 import quantlab
 from quantlab.engine import INTEGER_KERNELS, optimized_graph
 from quantlab.formats import Thresholds, read_thresholds, write_thresholds
-from quantlab.formats.qdq import export_qdq, quantize_qdq
+from quantlab.formats.qdq import export_qdq, fp32_names, quantize_qdq
 from quantlab.model import create_session
 from test_cli import assert_one_line_error, run
 
@@ -63,12 +63,17 @@ def save_zoo(path: Path) -> Path:
         helper.make_node("Mul", ["scores", "pixels"], ["boxes"], name="boxes"),
         helper.make_node("Concat", ["boxes", "scores"], ["out"], name="output_concat", axis=1),
     ]
+    return save_graph(path, "zoo", nodes, initializers, ["batch", 3, 16, 16], ["batch", 12])
+
+
+def save_graph(path: Path, name: str, nodes: list, initializers: dict, x_shape: list, out_shape: list) -> Path:
+    """An opset 17 model of `nodes` from input x to output out, checked and saved to `path`."""
     graph = helper.make_graph(
         nodes,
-        "zoo",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 16, 16])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 12])],
-        initializer=[numpy_helper.from_array(np.asarray(value), name) for name, value in initializers.items()],
+        name,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, out_shape)],
+        initializer=[numpy_helper.from_array(np.asarray(value), key) for key, value in initializers.items()],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.checker.check_model(model, full_check=True)
@@ -149,7 +154,7 @@ def test_activation_scales_and_zero_points_come_from_the_thresholds_and_min_max(
         assert scale == np.float32(span), tensor
         assert zero_point == np.round(-np.float64(low) / span), tensor
         checked.add(tensor)
-    assert {"x", "m1", "a3", "small", "cat", "c4", "pooled", "mm"} <= checked
+    assert {"x", "m1", "a3", "gate", "cat", "c4", "pooled", "mm"} <= checked  # small = gate * 0.01 has no Q of its own
     assert table["min_max"]["r2"][0] == 0.0 and values["r2_zero_point"] == 0  # a Relu output uses all 256 levels
 
 
@@ -277,3 +282,132 @@ def test_json_table_round_trips_min_max_and_refuses_bad_ones(tmp_path):
         Thresholds({"a": 1.0}, min_max={"a": (1.0, -1.0)})
     with pytest.raises(quantlab.QuantlabError, match="tensor 'a': min_max must be two numbers"):
         Thresholds({"a": 1.0}, min_max={"a": "wide"})
+
+
+def save_mobile_block(path: Path) -> Path:
+    """x [batch, 4, 12, 12] -> out [batch, 8]: a PP-LCNet / MobileNetV3 block as exported: Conv, HardSwish written out
+    (Add 3, Clip 0..6, Mul, Div 6), a learnable scale (Mul by a scalar), MaxPool, a depthwise Conv, and a C2f-like
+    Split -> Conv -> Concat of alike ranges feeding a 1x1 Conv; GlobalAveragePool and a Gemm head."""
+    rng = np.random.default_rng(2)
+
+    def weight(*shape: int) -> np.ndarray:
+        return (rng.normal(size=shape) * 0.4).astype(np.float32)
+
+    initializers = {
+        "w1": weight(8, 4, 3, 3), "b1": weight(8), "three": np.float32(3.0), "zero": np.float32(0.0),
+        "six": np.float32(6.0), "lab_scale": np.array([1.3], np.float32), "wd": weight(8, 1, 3, 3),
+        "w2": weight(8, 4, 3, 3), "w3": weight(8, 16, 1, 1), "wg": weight(8, 8), "split": np.array([4, 4], np.int64),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c1", "three"], ["plus3"], name="hs_add"),
+        helper.make_node("Clip", ["plus3", "zero", "six"], ["clipped"], name="hs_clip"),
+        helper.make_node("Mul", ["c1", "clipped"], ["hs_mul"], name="hs_mul"),
+        helper.make_node("Div", ["hs_mul", "six"], ["hs"], name="hs_div"),
+        helper.make_node("Mul", ["hs", "lab_scale"], ["scaled"], name="lab"),
+        helper.make_node("MaxPool", ["scaled"], ["pooled"], name="maxpool", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["pooled", "wd"], ["dw"], name="depthwise", group=8, pads=[1, 1, 1, 1]),
+        helper.make_node("Split", ["dw", "split"], ["left", "right"], name="split", axis=1),
+        helper.make_node("Conv", ["right", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("Concat", ["left", "right", "r2"], ["cat"], name="concat", axis=1),
+        helper.make_node("Conv", ["cat", "w3"], ["c3"], name="conv3"),
+        helper.make_node("GlobalAveragePool", ["c3"], ["gap"], name="gap"),
+        helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "wg"], ["out"], name="gemm"),
+    ]
+    return save_graph(path, "mobile_block", nodes, initializers, ["batch", 4, 12, 12], ["batch", 8])
+
+
+@pytest.fixture(scope="module")
+def mobile_block(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("mobile")
+    model = save_mobile_block(root / "block.onnx")
+    rng = np.random.default_rng(3)
+    calib, held_out = root / "calib", root / "eval"
+    for directory in (calib, held_out):
+        directory.mkdir()
+        for index in range(4):
+            np.save(directory / f"{index:02d}.npy", rng.normal(size=(4, 4, 12, 12)).astype(np.float32))
+    histograms = quantlab.collect(model, calib)
+    table = Thresholds(quantlab.calibrate(histograms, "max"), min_max=histograms.min_max())
+    qdq = quantize_qdq(model, table, target="onnxruntime")
+    return {"model": model, "eval": held_out, "table": table, "qdq": qdq, "optimized": optimized_graph(qdq)}
+
+
+def test_scalar_steps_fold_into_the_dequantize_scale(mobile_block):
+    """HardSwish's Div by 6 and the learnable scale (Mul by 1.3) run no kernel: the tensor after them is the Mul's
+    integers read through one DequantizeLinear of scale scale(hs_mul) / 6 * 1.3, exact on its grid, and the MaxPool
+    after them carries the same integers (uint8, not dequantized around it); one QLinearMul is left (x * Clip)."""
+    qdq, optimized = mobile_block["qdq"], mobile_block["optimized"]
+    assert not {"hs_div", "lab"} & {node.name for node in qdq.graph.node}
+    values = initializers(qdq)
+    producer = {name: node for node in qdq.graph.node for name in node.output}
+    rescaled = producer["scaled_DequantizeLinear_Output"]
+    assert rescaled.op_type == "DequantizeLinear" and rescaled.input[0] == "hs_mul_QuantizeLinear_Output"
+    assert values[rescaled.input[1]] == pytest.approx(values["hs_mul_scale"] / 6 * 1.3, rel=1e-6)
+    assert values[rescaled.input[2]] == values["hs_mul_zero_point"]
+    ops = [node.op_type for node in optimized.graph.node]
+    assert ops.count("QLinearMul") == 1 and "Div" not in ops and "Mul" not in ops
+    assert {"QLinearConv", "QLinearAdd", "QLinearConcat"} <= set(ops)
+    dequantized = {node.output[0] for node in optimized.graph.node if node.op_type == "DequantizeLinear"}
+    pools = [node for node in optimized.graph.node if "MaxPool" in node.op_type]
+    assert len(pools) == 1 and not set(pools[0].input) & dequantized  # the pool runs on uint8
+    kernels = [node for node in optimized.graph.node if node.op_type in INTEGER_KERNELS]
+    assert len(kernels) == 5  # 4 Conv + Gemm
+    fp32 = onnx.load(str(mobile_block["model"]))
+    assert final_sqnr(fp32, qdq, mobile_block["eval"]) > 30
+
+
+def test_scalar_steps_drift_names_the_folded_tensors(mobile_block):
+    """A folded tensor (scaled: no node of its own) is named by its rescaled DequantizeLinear, and drift measures the
+    block as ONNX Runtime runs it."""
+    names = fp32_names(mobile_block["qdq"])
+    assert names["scaled_DequantizeLinear_Output"] == "scaled" and names["hs_mul"] == "hs_mul"
+    report = quantlab.measure_drift(mobile_block["model"], mobile_block["qdq"], mobile_block["eval"])
+    assert report.final["outputs"][0].sqnr_db > 30 and report.metadata["integer_kernels"]["integer"] == 5
+
+
+def test_concat_of_alike_ranges_shares_one_range(mobile_block):
+    """The C2f-like Concat (the halves of a Split and a Relu branch, ranges within 2x of each other)
+    gets one scale and zero point for its inputs and output, so that ONNX Runtime's QLinearConcat copies bytes instead
+    of requantizing each input; the Split halves keep the scale of the tensor they split."""
+    optimized = mobile_block["optimized"]
+    values = initializers(optimized)
+    (concat,) = [node for node in optimized.graph.node if node.op_type == "QLinearConcat"]
+    scales, zero_points = concat.input[::3], concat.input[1::3]  # (output, then each input) scale, zero point
+    parameters = [(float(values[scale]), int(values[point])) for scale, point in zip(scales, zero_points)]
+    assert len(parameters) == 4 and len(set(parameters)) == 1
+    table = mobile_block["table"]
+    widths = {name: min(table.min_max[name][1], table.amax[name]) - max(table.min_max[name][0], -table.amax[name], 0)
+              for name in ("dw", "r2", "cat")}
+    assert max(widths.values()) < 2 * min(widths.values())  # alike: the case this test is about
+
+
+def test_latency_times_each_model_alone_in_blocks_that_take_turns(monkeypatch, tmp_path):
+    """measure_latency runs one model at a time: per turn an untimed warm-up pass, then BLOCK_PASSES timed passes,
+    the order of the turns rotating by one model every round; the median timed pass."""
+    import quantlab.engine as engine
+
+    def relu_model(name: str) -> onnx.ModelProto:
+        relu = helper.make_node("Relu", ["x"], ["out"])
+        path = save_graph(tmp_path / f"{name}.onnx", name, [relu], {}, [1, 4], [1, 4])
+        return onnx.load(str(path))
+
+    runs = []
+    run_session = engine.run_session
+
+    def recording(session, outputs, feed):
+        runs.append(session)
+        return run_session(session, outputs, feed)
+
+    monkeypatch.setattr(engine, "run_session", recording)
+    feeds = [{"x": np.ones((1, 4), np.float32)}] * 3
+    models = {"fp32": relu_model("a"), "int8": relu_model("b"), "other": relu_model("c")}
+    latency = engine.measure_latency(models, feeds, min_passes=3, min_seconds=0)
+    assert latency.passes == 4 and latency.samples == 3 and set(latency.ms_per_sample) == set(models)
+    per_turn = 3 * (1 + engine.BLOCK_PASSES)  # runs of one model's turn: 3 feeds x (warm-up + timed passes)
+    turns = [runs[start : start + per_turn] for start in range(0, len(runs), per_turn)]
+    assert len(turns) == 6 and all(len(set(map(id, turn))) == 1 for turn in turns)
+    a, b, c = (turn[0] for turn in turns[:3])
+    assert len({id(a), id(b), id(c)}) == 3 and [turn[0] for turn in turns[3:]] == [b, c, a]

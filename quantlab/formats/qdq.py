@@ -69,6 +69,7 @@ FLOAT16_OPSET = 19  # and float16 scales opset 19
 SYNTHETIC_DIM = 32  # the size a synthesized sample gives a dynamic dim other than the batch dim
 # Where ONNX Runtime names the node in its load and run errors: "... node. Name:'conv'", "in node (conv)", "Node (conv)".
 _ORT_NODE_PATTERNS = (r"Name:'([^']+)'", r"[Nn]ode \(([^)]+)\)")
+DEQUANTIZED_SUFFIX = "_DequantizeLinear_Output"  # what ONNX Runtime's quantizer names the DequantizeLinear of a tensor
 MSE_FRACTIONS = np.linspace(0.25, 1.0, 76)  # candidate amax as fractions of max|w| for weight_method="mse"
 
 
@@ -84,6 +85,7 @@ class QuantizationPlan(NamedTuple):
     float_readers: set[str]  # excluded nodes that read the float tensors, not their Q/DQ (`read_float_inputs`)
     residual: list[str] = []  # tensors to quantize that no quantized node marks itself
     shared: list[tuple[str, str, str]] = []  # (tensor, quantized tensor whose scale it takes, that one's consumer)
+    ranges: dict[str, tuple[float, float]] = {}  # tensors whose range the target set itself, not `tensor_range`'s
 
 
 class ExportTarget(ABC):
@@ -253,7 +255,7 @@ def quantize_qdq(
     ranges = {}
     for name in plan.ranged:  # float16 tensors get float16 scales, as their Q/DQ nodes need
         dtype = np.float16 if plan.types.get(name) == onnx.TensorProto.FLOAT16 else np.float32
-        low, high = chosen.tensor_range(name, table)
+        low, high = plan.ranges[name] if name in plan.ranges else chosen.tensor_range(name, table)
         ranges[name] = TensorData(lowest=dtype(low), highest=dtype(high))
     options = {**plan.options, "TensorQuantOverrides": _weight_overrides(model, plan.excluded, weight_method)}
     quantizer = QDQQuantizer(
@@ -319,7 +321,9 @@ def fp32_names(qdq_model: onnx.ModelProto) -> dict[str, str]:
     a quantized tensor's DequantizeLinear output (`X_DequantizeLinear_Output`: X on its INT8 grid, what its
     consumers read) and, for a quantized graph output, the float value its producer writes (`X_QuantizeLinear_Input`)
     map to X. INT8 tensors and dequantized weights are left out. For per-layer drift compare the FP32 `X` with the
-    DequantizeLinear output where there is one (the tensor as INT8 consumers see it), else with `X` itself.
+    DequantizeLinear output where there is one (the tensor as INT8 consumers see it), else with `X` itself. A
+    DequantizeLinear with a scale of its own (`Y_DequantizeLinear_Output` reading X's integers: the onnxruntime target
+    folds Y = X * c into the scale) maps to Y.
     """
     graph = qdq_model.graph
     initializers = {init.name for init in graph.initializer}
@@ -333,6 +337,8 @@ def fp32_names(qdq_model: onnx.ModelProto) -> dict[str, str]:
         if quantize is not None and quantize.op_type == "QuantizeLinear":
             original = node.output[0] if node.output[0] in graph_outputs else quantize.input[0]
             names[quantize.input[0]] = names[node.output[0]] = original
+            if node.input[1] != quantize.input[1] and node.output[0].endswith(DEQUANTIZED_SUFFIX):
+                names[node.output[0]] = node.output[0][: -len(DEQUANTIZED_SUFFIX)]
     return names
 
 

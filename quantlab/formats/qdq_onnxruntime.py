@@ -25,7 +25,18 @@ Placement. The op types of `quantize_static` (ONNX Runtime's QLinearOps and QDQ 
 - `keep_fp32` nodes stay in float and read the float tensors, as with the tensorrt target (reading a dequantized
   input and writing a quantized output, a Conv would still run as QLinearConv: ONNX Runtime quantizes a float weight
   itself); nodes reading or writing a tensor without a threshold stay in float too (a warning names the tensors), and
-  read the dequantized tensor where their producer's output is quantized, so that the producer keeps its kernel.
+  read the dequantized tensor where their producer's output is quantized, so that the producer keeps its kernel;
+- a Concat whose inputs and output have alike ranges (none narrower than half the union's width: YOLOv8's C2f
+  blocks, which join Split halves and bottleneck outputs) gives them all the union of their ranges, one scale and zero
+  point: ONNX Runtime's QLinearConcat then copies each input's bytes, where it would otherwise requantize them through
+  a lookup table, a pixel at a time in channels-last layout (YOLOv8n, 2 cores: its 17 QLinearConcat 0.77 -> 0.45 ms a
+  sample; final SQNR 29.03 -> 29.43 dB). Unrelated ranges keep their own (a Concat of 0-320 pixels and 0-1 scores).
+
+Scalar steps last (`_scalar_steps_to_scales`, on the Q/DQ model): a Mul or Div of a quantized tensor by a positive
+scalar constant (HardSwish written out ends in / 6; PaddlePaddle's learnable scales multiply by one number) folds
+into the scale of the DequantizeLinear its readers read: the integers stay as they are, the result is exact on its
+grid, and ONNX Runtime runs one QLinearMul fewer per step (PP-OCRv4 det, 2 cores: 48 of its 82 QLinearMul gone,
+1.43x -> 1.64x FP32's speed).
 
 Rewrites first (`_rewritten`; every tensor the rewritten model computes keeps its name, so the thresholds match):
 constants held in Constant nodes become initializers (the quantizer quantizes only those, and ONNX Runtime fuses a
@@ -48,8 +59,8 @@ import onnx
 from onnx import numpy_helper
 
 from quantlab.formats import Thresholds
-from quantlab.formats.qdq import QUANTIZABLE_TYPES, ExportTarget, QuantizationPlan, unthresholded
-from quantlab.model import activation_tensors, fold_constants, tensor_types
+from quantlab.formats.qdq import DEQUANTIZED_SUFFIX, QUANTIZABLE_TYPES, ExportTarget, QuantizationPlan, unthresholded
+from quantlab.model import activation_tensors, fold_constants, tensor_types, value_types
 
 # The weighted ops ONNX Runtime's CPU provider runs as integer kernels (ConvTranspose it does not).
 INTEGER_KERNEL_OPS = ("Conv", "MatMul", "Gemm")
@@ -58,6 +69,10 @@ QUANTIZER_OPTIONS = {
     "WeightSymmetric": True,
     "QDQKeepRemovableActivations": True,
 }
+# Ops whose quantized output ONNX Runtime's quantizer gives their input's scale and zero point (the same integers).
+_SAME_SCALE_OPS = ("Flatten", "MaxPool", "Reshape", "Resize", "Slice", "Split", "Squeeze", "Transpose", "Unsqueeze")
+# A Concat's inputs and output share one range where no member's range is narrower than the union by more than this.
+CONCAT_RANGE_RATIO = 2.0
 # The elementwise ops that fold into a Conv as a per-channel step -> whether the Conv's output may be either input
 # (Mul, Add) or only the first (x - c, x / c).
 _FOLDABLE = {"Mul": True, "Add": True, "Sub": False, "Div": False}
@@ -91,14 +106,16 @@ class OnnxRuntimeTarget(ExportTarget):
         needed = set().union(*map(touched, quantized)) if quantized else set()
         missing = set(unthresholded(thresholds.amax, known, [name for name in floats if name in needed], path))
         excluded |= {node.name for node in quantized if touched(node) & missing}
+        ranged = [name for name in floats if name in thresholds.amax]
         plan = QuantizationPlan(
             op_types=op_types,
             excluded=excluded,
-            ranged=[name for name in floats if name in thresholds.amax],
+            ranged=ranged,
             activation_type="QUInt8",
             options=QUANTIZER_OPTIONS,
             types=types,
             float_readers=kept,
+            ranges=_concat_ranges(model, excluded, {name: self.tensor_range(name, thresholds) for name in ranged}),
         )
         return model, plan
 
@@ -111,6 +128,7 @@ class OnnxRuntimeTarget(ExportTarget):
 
     def finish(self, qdq: onnx.ModelProto, plan: QuantizationPlan) -> None:
         _float_graph_outputs(qdq.graph)
+        _scalar_steps_to_scales(qdq, plan.excluded)
 
 
 TARGET = OnnxRuntimeTarget()
@@ -308,4 +326,149 @@ def _float_graph_outputs(graph: onnx.GraphProto) -> None:
     parameters = {name for node in removed for name in node.input[1:]}
     read = {name for node in remaining for name in node.input}
     for init in [init for init in graph.initializer if init.name in parameters - read]:
+        graph.initializer.remove(init)
+
+
+def _concat_ranges(
+    model: onnx.ModelProto, excluded: set[str], ranges: dict[str, tuple[float, float]]
+) -> dict[str, tuple[float, float]]:
+    """One range for the inputs and the output of each quantized Concat whose ranges are alike (module docstring):
+    tensor -> the union of the ranges of its group. A Concat input that a same-scale op (Split, MaxPool, Resize, ...)
+    writes stands for the tensor that op reads. Groups that share a tensor merge; a Concat joins its group only where
+    every member's range stays at least 1 / CONCAT_RANGE_RATIO of the union's width."""
+    producer = {name: node for node in model.graph.node for name in node.output}
+
+    def source(tensor: str) -> str:
+        node = producer.get(tensor)
+        while node is not None and node.op_type in _SAME_SCALE_OPS and node.name not in excluded:
+            tensor = node.input[0]
+            node = producer.get(tensor)
+        return tensor
+
+    group: dict[str, str] = {}  # tensor -> its group's first tensor
+
+    def members(tensor: str) -> set[str]:
+        root = group.get(tensor, tensor)
+        return {name for name, first in group.items() if first == root} | {tensor}
+
+    for node in model.graph.node:
+        if node.op_type != "Concat" or node.name in excluded:
+            continue
+        tensors = {source(name) for name in node.input} | {node.output[0]}
+        if not all(name in ranges for name in tensors):
+            continue
+        joined = set().union(*map(members, tensors))
+        low, high = min(ranges[name][0] for name in joined), max(ranges[name][1] for name in joined)
+        if any(ranges[name][1] - ranges[name][0] < (high - low) / CONCAT_RANGE_RATIO for name in joined):
+            continue
+        first = next(iter(sorted(joined)))
+        group.update(dict.fromkeys(joined, first))
+    shared: dict[str, tuple[float, float]] = {}
+    for first in set(group.values()):
+        names = [name for name, root in group.items() if root == first]
+        union = (min(ranges[name][0] for name in names), max(ranges[name][1] for name in names))
+        shared.update(dict.fromkeys(names, union))
+    return shared
+
+
+def _scalar_steps_to_scales(qdq: onnx.ModelProto, excluded: set[str]) -> None:
+    """Mul (or Div) of a quantized tensor X by a positive scalar constant c (of no higher rank than X), whose output Y
+    is quantized: Y's readers read X's integers through one DequantizeLinear of scale scale_X * c and X's zero point
+    (`Y_DequantizeLinear_Output`), and the Mul and Y's Q/DQ pair are gone. Y on its INT8 grid is exact (the step
+    leaves the integers as they are), and ONNX Runtime runs no kernel for it (HardSwish's / 6, PaddlePaddle's
+    learnable scales)."""
+    ranks = {name: len(value.shape.dim) for name, value in value_types(qdq).items() if value.HasField("shape")}
+    while _fold_one_scalar_step(qdq.graph, excluded, ranks):
+        pass
+
+
+def _fold_one_scalar_step(graph: onnx.GraphProto, excluded: set[str], ranks: dict[str, int]) -> bool:
+    """Fold the first step `_scalar_steps_to_scales` describes (`ranks`: tensor -> rank, where known); whether there
+    was one."""
+    values = {init.name: init for init in graph.initializer}
+    producer = {name: node for node in graph.node for name in node.output}
+    readers = _consumers(graph)
+    outputs = {output.name for output in graph.output}
+    for node in graph.node:
+        if node.op_type not in ("Mul", "Div") or node.name in excluded or node.output[0] in outputs:
+            continue
+        quantizes = readers.get(node.output[0], [])
+        dequantizes = [reader for quantize in quantizes for reader in readers.get(quantize.output[0], [])]
+        if not quantizes or any(each.op_type != "QuantizeLinear" or len(each.input) < 3 for each in quantizes):
+            continue
+        if any(each.op_type != "DequantizeLinear" for each in dequantizes):
+            continue
+        for position in (0, 1) if node.op_type == "Mul" else (0,):
+            dequantize = producer.get(node.input[position])
+            constant = _constant(node.input[1 - position], values, producer)
+            if dequantize is None or dequantize.op_type != "DequantizeLinear" or constant is None or constant.size != 1:
+                continue
+            if constant.ndim > max(ranks.get(node.input[position], 1), 1) or not constant.all():
+                continue  # a constant of higher rank broadcasts X to it
+            parameters = dequantize.input[1:]
+            if len(parameters) < 2 or dequantize.input[0] in values or not all(name in values for name in parameters):
+                continue  # a constant's DequantizeLinear, or parameters computed at run time
+            factor = float(constant.reshape(-1)[0]) ** (-1 if node.op_type == "Div" else 1)
+            if not 0 < factor < np.inf or numpy_helper.to_array(values[dequantize.input[1]]).size != 1:
+                continue
+            _fold_scalar_step(graph, node, dequantize, factor, quantizes + dequantizes)
+            return True
+    return False
+
+
+def _constant(name: str, values: dict[str, onnx.TensorProto], producer: dict[str, onnx.NodeProto]) -> np.ndarray | None:
+    """The value of `name` (float64) where it is a constant: an initializer, or the DequantizeLinear of one."""
+    node = producer.get(name)
+    if name in values:
+        return numpy_helper.to_array(values[name]).astype(np.float64)
+    if node is not None and node.op_type == "DequantizeLinear" and all(part in values for part in node.input):
+        parts = [numpy_helper.to_array(values[part]).astype(np.float64) for part in node.input]
+        return (parts[0] - (parts[2] if len(parts) > 2 else 0)) * parts[1]
+    return None
+
+
+def _fold_scalar_step(
+    graph: onnx.GraphProto, node: onnx.NodeProto, dequantize: onnx.NodeProto, factor: float, pair: list[onnx.NodeProto]
+) -> None:
+    """Replace `node` (Y = X * factor, X read through `dequantize`) and Y's Q/DQ nodes (`pair`) with one
+    DequantizeLinear of X's integers. It takes Y's scale and zero point initializers, set to X's scale * factor and
+    X's zero point, so that Y's same-scale successors (a MaxPool, a Reshape: their Q/DQ share them) keep carrying the
+    same integers. DequantizeLinear nodes nothing reads any more go, with the initializers only they read."""
+    values = {init.name: init for init in graph.initializer}
+    scale, zero_point = pair[0].input[1], pair[0].input[2]
+    source = numpy_helper.to_array(values[dequantize.input[1]])
+    values[scale].CopyFrom(numpy_helper.from_array((source * factor).astype(source.dtype), scale))
+    values[zero_point].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(values[dequantize.input[2]]), zero_point))
+    output = f"{node.output[0]}{DEQUANTIZED_SUFFIX}"
+    name = f"{node.output[0]}_DequantizeLinear"
+    rescaled = onnx.helper.make_node("DequantizeLinear", [dequantize.input[0], scale, zero_point], [output], name=name)
+    renamed = {each.output[0]: output for each in pair if each.op_type == "DequantizeLinear"}
+    gone = {id(each) for each in pair}
+    nodes = []
+    for other in graph.node:
+        if other is node:
+            nodes.append(rescaled)
+        elif id(other) not in gone:
+            other.input[:] = [renamed.get(name, name) for name in other.input]
+            nodes.append(other)
+    _drop_unread_dequantizes(graph, nodes, removed=[node, *pair])
+
+
+def _drop_unread_dequantizes(
+    graph: onnx.GraphProto, nodes: list[onnx.NodeProto], removed: list[onnx.NodeProto]
+) -> None:
+    """Set the graph's nodes to `nodes` less the DequantizeLinear nodes whose output nothing reads, and remove the
+    initializers that the `removed` nodes and those read and nothing else does."""
+    outputs = {output.name for output in graph.output}
+    while True:
+        read = {name for other in nodes for name in other.input} | outputs
+        unread = [other for other in nodes if other.op_type == "DequantizeLinear" and other.output[0] not in read]
+        if not unread:
+            break
+        removed += unread
+        nodes = [other for other in nodes if all(other is not each for each in unread)]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    candidates = {name for each in removed for name in each.input}
+    for init in [init for init in graph.initializer if init.name in candidates and init.name not in read]:
         graph.initializer.remove(init)
