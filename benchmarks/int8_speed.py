@@ -8,9 +8,10 @@ eval samples, in one process:
 - ONNX Runtime: `quantize_static` on the model as shipped, QDQ, uint8 activations, int8 per-channel weights, MinMax
   over the same calib samples, asymmetric (`ActivationSymmetric=False`, its default) and symmetric;
 - FP32 ms per sample, and the ms per sample of quantlab's model (--method) and of ONNX Runtime's asymmetric one, in
-  the same run: fresh plain sessions, default threads and optimizations, one sample per run, a warm-up pass, then
-  passes over the eval samples taking turns between the three models, the median pass (`quantlab.engine`), all of
-  it repeated --rounds times (the median round is printed, the spread in brackets);
+  the same run: fresh plain sessions, default threads and optimizations, one sample per run, each model timed alone
+  in blocks of passes over the eval samples (a warm-up pass, then two timed ones) that take turns between the three
+  models in a rotating order, the median pass (`quantlab.engine.measure_latency`), all of it repeated --rounds times
+  (the median round is printed, the spread in brackets);
 - integer-kernel coverage of both INT8 models: how many of the FP32 model's Conv/ConvTranspose/MatMul/Gemm ONNX
   Runtime's optimized graph runs as integer kernels (QLinearConv, QLinearMatMul, MatMulIntegerToFloat, QGemm, ...);
 - final-output SQNR on the eval samples (the first float graph output, summed over samples) of quantlab's model for
@@ -166,7 +167,8 @@ def main() -> None:
         )
         print(f"{name} done", flush=True)
     table.caption = (
-        "ms per sample: median of the rounds, \\[min-max] of the rounds, FP32 speed-up in brackets; timed models take turns in each pass. "
+        "ms per sample: median of the rounds, \\[min-max] of the rounds, FP32 speed-up in brackets; each model timed "
+        "alone in blocks of passes, the blocks taking turns. "
         "ORT: quantize_static, uint8 activations, int8 per-channel weights, MinMax on the calib samples (asym for "
         "timing and kernels). SQNR: first float output over the held-out eval samples."
     )
