@@ -17,8 +17,12 @@ How, with a bounded number of runs over the first `samples` calibration samples:
    points, and the int32 biases derived from them) turned into inputs, so one ONNX Runtime session runs every candidate
    and any mix of them. Each run is scored by the SQNR of the worst float output against FP32.
 3. Every candidate alone (one run each). The first of `CANDIDATES` is the start; the best of the others replaces it
-   when it scores more than `MIN_GAIN_DB` higher on all samples and not more than `MIN_GAIN_DB` lower on either half
-   of them (even- and odd-numbered samples): a gain that one half contradicts is noise.
+   when it scores more than `MIN_GAIN_DB` higher on all samples and on each half of them (even- and odd-numbered
+   samples). The margin is wide because the thresholds were fitted on these very samples, which favours the tighter
+   ones: on the benchmark set (8-16 calibration samples, as many others held out) MSE beat percentile 99.99 on both
+   halves of the direction classifier's calibration samples by 0.8-27 dB and lost 18 dB held out, where values reach
+   1.4x the calibration range (0.2 dB, and a rule letting one half lose, were tried; the margin was set with the
+   held-out results in view, so it is a judgement, not a fit).
 4. Refinement, with at least `REFINE_MIN_SAMPLES` samples (or `groups=` given): the quantized tensors, in graph order,
    are cut into `GROUPS` contiguous groups, and each group in turn tries every other candidate (one run each),
    keeping one by the same rule. That is len(CANDIDATES) x (1 + GROUPS) runs at most, whatever the number of tensors.
@@ -58,7 +62,7 @@ CANDIDATES: tuple[tuple[str, str, dict[str, Any]], ...] = (
 )
 GROUPS = 8  # contiguous groups of quantized tensors that choose their candidate together
 REFINE_MIN_SAMPLES = 32  # refinement by groups needs halves of at least 16 samples
-MIN_GAIN_DB = 0.2  # a change must gain more than this on all samples and lose no more on either half (`_wins`)
+MIN_GAIN_DB = 1.0  # a change must gain more than this on all samples and on each half of them (`_wins`)
 REFERENCE_BYTES = 256 << 20  # FP32 outputs up to this size are kept between passes instead of computed again
 DEFAULT_SAMPLES = 32
 
@@ -174,10 +178,10 @@ def auto_calibrate(
 
 
 def _wins(tried: tuple[float, float, float], current: tuple[float, float, float]) -> bool:
-    """Whether scores (all samples, even half, odd half) beat the current ones: more than MIN_GAIN_DB higher on all
-    samples, and not more than MIN_GAIN_DB lower on either half (a gain that one half contradicts is noise)."""
-    gains = np.subtract(tried, current)
-    return bool(gains[0] > MIN_GAIN_DB and min(gains[1:]) > -MIN_GAIN_DB)
+    """Whether scores (all samples, even half, odd half) beat the current ones by more than MIN_GAIN_DB on all samples
+    and on each half: a gain that one half does not confirm is noise, and a method chosen on it (a tighter threshold,
+    as a rule) loses on data it has not seen."""
+    return bool(min(np.subtract(tried, current)) > MIN_GAIN_DB)
 
 
 def _model_and_data(histograms: Mapping[str, Histogram], model: Any, data: Any) -> tuple[Path, Any]:
