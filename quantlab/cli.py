@@ -449,8 +449,10 @@ def drift(
     against: Optional[Path] = typer.Option(None, "--against", help="A second threshold file: per-layer SQNR of both side by side."),
     labels: Optional[Path] = typer.Option(None, "--labels", help=".npy of integer labels, one per sample: adds top-1 of FP32 and INT8."),
     isolated: bool = typer.Option(False, "--isolated", help="Each layer's own error, fed the FP32 activations."),
-    keep_fp32: Optional[int] = typer.Option(None, "--keep-fp32", help="Propose the K layers to keep in FP32 and re-measure."),
-    target_sqnr: Optional[float] = typer.Option(None, "--target-sqnr", help="Keep layers in FP32 until the final SQNR reaches DB."),
+    keep_fp32: Optional[int] = typer.Option(None, "--keep-fp32", help="Keep the K most sensitive layers in FP32 and re-measure."),
+    target_sqnr: Optional[float] = typer.Option(None, "--target-sqnr", help="Keep the fewest layers in FP32 (most sensitive first, ranked on --calib-data) for the worst float output to reach DB on --data; exit 1 where it cannot within --max-fp32."),
+    max_fp32: str = typer.Option("10%", "--max-fp32", help="With --target-sqnr: the most layers to keep in FP32, a count (6) or a share of the quantizable Conv/ConvTranspose/MatMul/Gemm (10%, rounded down, at least 1)."),
+    calib_data: Optional[str] = typer.Option(None, "--calib-data", metavar="PATH", help="Samples to rank the layers on for --target-sqnr/--keep-fp32 (the first 32; default: the data the thresholds' histograms were collected from, else --data)."),
     mixed_out: Path = typer.Option(Path("mixed.qdq.onnx"), "--mixed-out", help="Where --keep-fp32/--target-sqnr write their Q/DQ model."),
     weights: str = typer.Option("max", "--weights", help="Per-channel weight amax: max or mse."),
     target: str = typer.Option("tensorrt", "--target", help=f"With --thresholds: the export target of the INT8 model. {TARGET_HELP}"),
@@ -459,13 +461,14 @@ def drift(
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write SQNR per layer as an image (.png, .svg, .pdf)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b"),
     limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N samples."),
-) -> None:
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> Optional[int]:
     """Per-layer FP32 vs INT8 drift (SQNR, cosine, relative and max error), worst first."""
     from quantlab.atomic import check_writable
     from quantlab.data import CalibrationData
-    from quantlab.drift import load_labels, measure_drift, measure_isolated, propose_fp32
+    from quantlab.drift import load_labels, measure_drift, measure_isolated
     from quantlab.model import input_specs, load_model
-    from quantlab.report import drift_table, fp32_proposal_table, sqnr_comparison_table
+    from quantlab.report import drift_table, sqnr_comparison_table
 
     proposing = keep_fp32 is not None or target_sqnr is not None
     if proposing:  # checked before anything runs or is written, as every option
@@ -475,6 +478,11 @@ def drift(
             raise QuantlabError("give exactly one of --keep-fp32 K and --target-sqnr DB")
         if keep_fp32 is not None and keep_fp32 < 0:
             raise QuantlabError(f"--keep-fp32 must be >= 0, got {keep_fp32}")
+        from quantlab.mixed import max_layers
+
+        max_layers(max_fp32, 1)  # a malformed bound is refused before anything runs
+    elif calib_data is not None:
+        raise QuantlabError("--calib-data goes with --target-sqnr or --keep-fp32")
     for path in (json_out,) + ((mixed_out,) if proposing else ()):
         if path is not None:
             check_writable(path)
@@ -501,27 +509,58 @@ def drift(
         other_model, other_source = _int8_model(model, against, None, weights, target)
         other = measure(model, other_model, calibration, **options)
         console.print(sqnr_comparison_table(report, other, str(thresholds or qdq), str(against)))
-    if json_out is not None:
-        report.save_json(json_out)
-        console.print(f"wrote {json_out}")
     if plot is not None:
         from quantlab.plots import plot_drift, save_figure
 
         save_figure(plot_drift(report), plot)
         console.print(f"wrote {plot}")
+    mixed = None
     if proposing:
-        from quantlab.formats import read_thresholds
-
-        steps, mixed = propose_fp32(
-            model, read_thresholds(thresholds), calibration, keep=keep_fp32, target_sqnr=target_sqnr,
-            labels=expected, weight_method=weights, target=target,
+        mixed = _mixed_precision(
+            model, thresholds, calibration, calib_data, keep_fp32, target_sqnr, max_fp32, expected, weights, target,
+            mixed_out, report, quiet,
         )
-        console.print(fp32_proposal_table(steps))
-        from quantlab.atomic import atomic_write
+    if json_out is not None:
+        report.save_json(json_out)
+        console.print(f"wrote {json_out}")
+    if mixed is not None:  # the last line: what was kept and reached, or (exit 1) why the target was not reached
+        line = mixed.message(f"--data ({mixed.samples} samples)")
+        if mixed.reached is False:
+            print(f"quantlab: {line}", file=sys.stderr)
+            return 1
+        console.print(line, soft_wrap=True)
+    return None
 
-        with atomic_write(mixed_out) as handle:
-            handle.write(mixed.SerializeToString())
-        console.print(f"wrote {mixed_out}: layers kept in FP32: {', '.join(steps[-1].kept_fp32) or 'none'}")
+
+def _mixed_precision(
+    model, thresholds, measured, calib_data, keep, target_sqnr, max_fp32, labels, weights, target, mixed_out, report, quiet
+):
+    """--target-sqnr / --keep-fp32: rank on calibration samples, export, measure on --data; the table, the model and
+    the report's "mixed_precision" record. Returns the `MixedPrecision`."""
+    from quantlab.atomic import atomic_write
+    from quantlab.formats import read_thresholds
+    from quantlab.mixed import DEFAULT_SAMPLES, mixed_precision, recorded_calibration
+    from quantlab.report import mixed_precision_table
+
+    table = read_thresholds(thresholds)
+    calibration = calib_data or recorded_calibration(table)
+    ranked_on = f"{calibration}" if calibration else f"--data (no --calib-data, and {thresholds} records no calibration data)"
+    with _progress(quiet) as progress:
+        result = mixed_precision(
+            model, table, calibration or measured, data=measured, target_sqnr=target_sqnr, keep=keep,
+            max_fp32=max_fp32, labels=labels, samples=DEFAULT_SAMPLES, weight_method=weights, target=target,
+            progress=progress,
+        )
+    console = _console()
+    console.print(mixed_precision_table(result))
+    with atomic_write(mixed_out) as handle:
+        handle.write(result.model.SerializeToString())
+    report.mixed_precision = {**result.summary(), "calibration_data": str(calibration or "--data"), "model": str(mixed_out)}
+    if result.ranking:
+        console.print(f"layers ranked on {result.calibration_samples} samples of {ranked_on}", soft_wrap=True)
+    kept = ", ".join(result.kept_fp32) or "none"
+    console.print(f"wrote {mixed_out}: layers kept in FP32: {kept}", soft_wrap=True)
+    return result
 
 
 @app.command()

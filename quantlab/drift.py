@@ -135,6 +135,7 @@ class DriftReport:
     layers: list[TensorDrift]
     final: dict[str, Any]
     metadata: dict[str, Any] = field(default_factory=dict)
+    mixed_precision: dict[str, Any] | None = None  # what --target-sqnr / --keep-fp32 chose (MixedPrecision.summary)
 
     def worst_first(self) -> list[TensorDrift]:
         return sorted(self.layers, key=lambda layer: layer.sqnr_db)
@@ -152,7 +153,7 @@ class DriftReport:
 
     def to_dict(self) -> dict[str, Any]:
         records = ("outputs", "other_outputs")
-        return {
+        written = {
             "metadata": self.metadata,
             "layers": [_finite(asdict(layer)) for layer in self.worst_first()],
             "final": {
@@ -160,6 +161,9 @@ class DriftReport:
                 **{k: v for k, v in self.final.items() if k not in records},
             },
         }
+        if self.mixed_precision is not None:
+            written["mixed_precision"] = self.mixed_precision
+        return written
 
     def save_json(self, path: str | Path) -> Path:
         """Write the report as JSON (records worst first; infinite SQNR written as null), atomically."""
@@ -466,12 +470,14 @@ def measure_isolated(
 
 @dataclass
 class FinalDrift:
-    """Drift of the final outputs of one INT8 variant of a model (and top-1 when labels are given)."""
+    """Drift of the final outputs of one INT8 variant of a model: the SQNR of its worst float output (`outputs`: of
+    each), and top-1 of the first float output when labels are given."""
 
     kept_fp32: list[str]
     sqnr_db: float
     top1_int8: float | None = None
     top1_fp32: float | None = None
+    outputs: dict[str, float] = field(default_factory=dict)
 
 
 def measure_final(
@@ -481,22 +487,13 @@ def measure_final(
     labels: np.ndarray | None = None,
     kept_fp32: Sequence[str] = (),
 ) -> FinalDrift:
-    """SQNR of the first float output (and top-1) of a Q/DQ model against the FP32 model, both run as they are."""
-    fp32, int8 = create_session(fp32_model), create_session(qdq_model)
-    declared = {output.name: output.type.tensor_type.elem_type for output in fp32_model.graph.output}
-    output = _first_float_output(list(declared), declared)
-    inputs = input_specs(fp32_model)
-    pair, top1, samples = PairSums(), {"fp32": 0, "int8": 0, "agree": 0}, 0
-    for feed in data:
-        (reference,) = run_session(fp32, [output], feed)
-        (observed,) = run_session(int8, [output], feed)
-        pair.add(reference, observed)
-        batch = feed_samples(feed, inputs)
-        if labels is not None:
-            _count_top1(top1, reference, observed, labels, samples, batch)
-        samples += batch
-    accuracy = (top1["int8"] / samples, top1["fp32"] / samples) if labels is not None and samples else (None, None)
-    return FinalDrift(list(kept_fp32), pair.result(output, "").sqnr_db, *accuracy)
+    """SQNR of the worst float output (and top-1 of the first) of a Q/DQ model against the FP32 model, both run as
+    they are."""
+    from quantlab.mixed import Scorer
+
+    with open_data(data, input_specs(fp32_model)) as opened:
+        score = Scorer(fp32_model, opened, labels=labels).score(create_session(qdq_model))
+    return FinalDrift(list(kept_fp32), score.sqnr_db, score.top1_int8, score.top1_fp32, score.outputs)
 
 
 def rank_sensitivity(
@@ -504,23 +501,16 @@ def rank_sensitivity(
     thresholds: Thresholds | Mapping[str, float],
     data: DataSource,
     *,
-    labels: np.ndarray | None = None,
     weight_method: str = "max",
     target: str = DEFAULT_TARGET,
-) -> list[FinalDrift]:
-    """Every weighted layer, most sensitive first: final-output SQNR of the model with only that layer kept in FP32
-    (the Q/DQ model of export target `target`)."""
-    from quantlab.formats.qdq import quantize_qdq
+    samples: int | None = None,
+):
+    """Every quantized layer (Conv, ConvTranspose, MatMul, Gemm), most sensitive first: the SQNR of the worst float
+    output with that layer alone quantized and every other in float (`quantlab.mixed.rank_layers`), on the first
+    `samples` samples of `data` (all by default). A list of `quantlab.mixed.LayerSensitivity`."""
+    from quantlab.mixed import rank_layers
 
-    fp32 = load_model(model)
-    options = {"weight_method": weight_method, "target": target}
-    layers = _layers(quantize_qdq(model, thresholds, **options))
-    with open_data(data, input_specs(fp32)) as opened:  # read once per layer: a one-shot iterable is spilled
-        results = [
-            measure_final(fp32, quantize_qdq(model, thresholds, keep_fp32=[layer.node], **options), opened, labels, [layer.node])
-            for layer in layers
-        ]
-    return sorted(results, key=lambda result: -result.sqnr_db)
+    return rank_layers(model, thresholds, data, samples=samples, weight_method=weight_method, target=target)
 
 
 def propose_fp32(
@@ -533,26 +523,22 @@ def propose_fp32(
     labels: np.ndarray | None = None,
     weight_method: str = "max",
     target: str = DEFAULT_TARGET,
+    max_fp32: int | float | str | None = None,
 ) -> tuple[list[FinalDrift], onnx.ModelProto]:
-    """The smallest prefix of the sensitivity ranking to keep in FP32: `keep` layers, or as many as it takes to reach
-    `target_sqnr` dB on the final output. Returns the measurements of every step (none kept first) and the model.
+    """The layers to keep in FP32, ranked and measured on `data`: the `keep` most sensitive, or the fewest that
+    reach `target_sqnr` dB on the worst float output (at most `max_fp32`: a count or a fraction of the quantizable
+    layers; all by default). `quantlab.mixed.mixed_precision` does the search; this returns its steps (none kept
+    first; the last is the exported model, measured as it runs) and the Q/DQ model. `mixed_precision` itself ranks on
+    calibration data and measures on other data.
     """
-    from quantlab.formats.qdq import quantize_qdq
+    from quantlab.mixed import mixed_precision
 
-    if (keep is None) == (target_sqnr is None):
-        raise QuantlabError("give exactly one of --keep-fp32 K and --target-sqnr DB")
-    if keep is not None and keep < 0:
-        raise QuantlabError(f"--keep-fp32 must be >= 0, got {keep}")
-    fp32 = load_model(model)
-    options = {"weight_method": weight_method, "target": target}
-    with open_data(data, input_specs(fp32)) as opened:  # read once per step: a one-shot iterable is spilled
-        ranking = [result.kept_fp32[0] for result in rank_sensitivity(model, thresholds, opened, labels=labels, **options)]
-        steps = len(ranking) if keep is None else min(keep, len(ranking))
-        qdq = quantize_qdq(model, thresholds, **options)
-        history = [measure_final(fp32, qdq, opened, labels)]
-        for count in range(1, steps + 1):
-            if target_sqnr is not None and history[-1].sqnr_db >= target_sqnr:
-                break
-            qdq = quantize_qdq(model, thresholds, keep_fp32=ranking[:count], **options)
-            history.append(measure_final(fp32, qdq, opened, labels, ranking[:count]))
-    return history, qdq
+    result = mixed_precision(
+        model, thresholds, data, keep=keep, target_sqnr=target_sqnr, labels=labels, max_fp32=max_fp32, samples=None,
+        weight_method=weight_method, target=target,
+    )
+    steps = [step for step in result.steps if len(step[0]) < len(result.kept_fp32)]
+    history = [FinalDrift(kept, score.sqnr_db, score.top1_int8, score.top1_fp32, score.outputs) for kept, score in steps]
+    final = result.measured
+    history.append(FinalDrift(result.kept_fp32, final.sqnr_db, final.top1_int8, final.top1_fp32, final.outputs))
+    return history, result.model

@@ -157,17 +157,22 @@ def sqnr_comparison_table(first, second, first_label: str, second_label: str) ->
     return table
 
 
-def fp32_proposal_table(steps) -> Table:
-    """Final SQNR (and top-1) as the most sensitive layers are kept in FP32 one by one."""
-    table = Table(title="keeping the most sensitive layers in FP32")
-    for column in ("layers kept in FP32", "final SQNR dB", "top-1 INT8", "top-1 FP32"):
-        table.add_column(column, justify="left" if column.startswith("layers") else "right", overflow="fold")
-    for step in steps:
+def mixed_precision_table(result) -> Table:
+    """What `--target-sqnr` / `--keep-fp32` ran (a `quantlab.mixed.MixedPrecision`): the most sensitive layers kept in
+    FP32 one more at a time, with the worst float output's SQNR on the measured samples and the SQNR of the layer
+    quantized alone (on the calibration samples); the chosen row in bold."""
+    table = Table(title=f"keeping the most sensitive layers in FP32 (worst float output, {result.samples} samples)")
+    for column in ("kept", "layer added", "SQNR dB", "quantized alone dB"):
+        table.add_column(column, justify="left" if column == "layer added" else "right", overflow="fold")
+    alone = {entry.layer: entry.sqnr_db for entry in result.ranking}
+    for kept, score in result.steps:
+        added = kept[-1] if kept else "(none: every layer INT8)"
+        chosen = kept == result.kept_fp32
         table.add_row(
-            ", ".join(step.kept_fp32) or "(none)",
-            Text(f"{step.sqnr_db:.2f}", style=_severity(step.sqnr_db)),
-            "-" if step.top1_int8 is None else f"{step.top1_int8:.2%}",
-            "-" if step.top1_fp32 is None else f"{step.top1_fp32:.2%}",
+            Text(str(len(kept)), style="bold" if chosen else ""),
+            Text(added, style="bold" if chosen else ""),
+            Text(f"{score.sqnr_db:.2f}", style=_severity(score.sqnr_db)),
+            f"{alone[kept[-1]]:.2f}" if kept else "",
         )
     return table
 
