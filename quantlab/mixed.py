@@ -223,6 +223,32 @@ def float_outputs(fp32: onnx.ModelProto) -> list[str]:
     return names
 
 
+class ReferenceOutputs:
+    """The FP32 model's float outputs (`float_outputs`) per batch, in float64: computed on the first pass over the data
+    and kept while they fit REFERENCE_BYTES, else computed again on every pass. What scored INT8 variants compare with
+    (here and in `quantlab.calibration.auto`)."""
+
+    def __init__(self, fp32: onnx.ModelProto) -> None:
+        from quantlab.model import create_session
+
+        self.names = float_outputs(fp32)
+        self.session = create_session(fp32)
+        self.kept: list[list[np.ndarray]] | None = []
+
+    def __call__(self, index: int, batch: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The outputs of the `index`-th batch of the data."""
+        from quantlab.model import run_session
+
+        if self.kept is not None and index < len(self.kept):
+            return self.kept[index]
+        references = [output.astype(np.float64) for output in run_session(self.session, self.names, batch)]
+        if self.kept is not None:
+            self.kept.append(references)
+            if sum(output.nbytes for outputs in self.kept for output in outputs) > REFERENCE_BYTES:
+                self.kept = None
+        return references
+
+
 @dataclass
 class Score:
     """One INT8 variant on one data set: SQNR (dB) per float output and of the worst, top-1 where labelled."""
@@ -245,26 +271,11 @@ class Scorer:
     to REFERENCE_BYTES). With `labels` (one class per sample), top-1 of the first float output, as drift counts it."""
 
     def __init__(self, fp32: onnx.ModelProto, data, *, labels: np.ndarray | None = None, progress=None, stage: str = "mixed") -> None:
-        from quantlab.model import create_session
-
-        self.outputs = float_outputs(fp32)
-        self.reference = create_session(fp32)
+        self.references = ReferenceOutputs(fp32)
+        self.outputs = self.references.names
         self.data, self.labels, self.progress, self.stage = data, labels, progress, stage
-        self.kept: list[list[np.ndarray]] | None = []
         self.runs = self.samples = self.sample_runs = 0
         self.expected_runs: int | None = None  # for the progress bar's total
-
-    def _references(self, index: int, batch: dict[str, np.ndarray]) -> list[np.ndarray]:
-        from quantlab.model import run_session
-
-        if self.kept is not None and index < len(self.kept):
-            return self.kept[index]
-        references = [output.astype(np.float64) for output in run_session(self.reference, self.outputs, batch)]
-        if self.kept is not None:
-            self.kept.append(references)
-            if sum(output.nbytes for outputs in self.kept for output in outputs) > REFERENCE_BYTES:
-                self.kept = None
-        return references
 
     def score(self, session, extra: Mapping[str, np.ndarray] | None = None) -> Score:
         """`session` (an INT8 variant of the model; `extra`: inputs beside the data's) over every sample."""
@@ -276,7 +287,7 @@ class Scorer:
         top1 = {"fp32": 0, "int8": 0, "agree": 0}
         samples = 0
         for index, batch in enumerate(self.data):
-            references = self._references(index, batch)
+            references = self.references(index, batch)
             observed = run_session(session, self.outputs, {**batch, **(extra or {})})
             for pair, expected, got in zip(pairs, references, observed):
                 pair.add(expected, got.astype(np.float64))

@@ -63,7 +63,6 @@ CANDIDATES: tuple[tuple[str, str, dict[str, Any]], ...] = (
 GROUPS = 8  # contiguous groups of quantized tensors that choose their candidate together
 REFINE_MIN_SAMPLES = 32  # refinement by groups needs halves of at least 16 samples
 MIN_GAIN_DB = 1.0  # a change must gain more than this on all samples and on each half of them (`_wins`)
-REFERENCE_BYTES = 256 << 20  # FP32 outputs up to this size are kept between passes instead of computed again
 DEFAULT_SAMPLES = 32
 
 Progress = Callable[[str, int, int | None], None]
@@ -285,31 +284,13 @@ class _Scorer:
     """Scores mixes of candidates: the SQNR (dB) of the worst float output against FP32 over the samples."""
 
     def __init__(self, fp32: onnx.ModelProto, search: _SearchModel, data, progress: Progress | None) -> None:
-        from quantlab.model import FLOAT_TYPES, create_session, input_specs
+        from quantlab.mixed import ReferenceOutputs
 
-        declared = {output.name: output.type.tensor_type.elem_type for output in fp32.graph.output}
-        fed = {spec.name for spec in input_specs(fp32)}
-        self.outputs = [name for name, elem in declared.items() if elem in FLOAT_TYPES and name not in fed]
-        if not self.outputs:
-            raise QuantlabError("auto calibration scores the float outputs, and the model has none")
-        self.reference = create_session(fp32)
+        self.references = ReferenceOutputs(fp32)
+        self.outputs = self.references.names
         self.search, self.data, self.progress = search, data, progress
         self.samples = self.runs = 0
         self.planned = len(CANDIDATES) * (1 + len(search.groups))  # the most runs the search can take
-        self.kept: list[list[np.ndarray]] | None = []  # FP32 outputs per batch while they fit REFERENCE_BYTES
-
-    def _references(self, index: int, batch: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """The FP32 outputs of the `index`-th batch: kept from the first pass where they fit, else computed."""
-        from quantlab.model import run_session
-
-        if self.kept is not None and index < len(self.kept):
-            return self.kept[index]
-        references = [output.astype(np.float64) for output in run_session(self.reference, self.outputs, batch)]
-        if self.kept is not None:
-            self.kept.append(references)
-            if sum(output.nbytes for outputs in self.kept for output in outputs) > REFERENCE_BYTES:
-                self.kept = None
-        return references
 
     def scores(self, choices: list[dict[int, str]]) -> list[tuple[float, float, float]]:
         """One pass over the data (one sample per run), each mix run beside the FP32 model: per mix the SQNR of the
@@ -320,7 +301,7 @@ class _Scorer:
         sums = [[[PairSums() for _ in self.outputs] for _ in range(3)] for _ in choices]
         samples = 0
         for index, batch in enumerate(self.data):
-            references = self._references(index, batch)
+            references = self.references(index, batch)
             for parts, choice in zip(sums, choices):
                 observed = self.search.run(choice, self.outputs, batch)
                 for pairs in (parts[0], parts[1 + samples % 2]):
