@@ -15,8 +15,8 @@ model quantizes). Four orders in which to keep layers in float, each made on cal
 Then, on eval/ only, the SQNR (dB) of the worst float output against FP32 with each order's first k layers in float:
 at 1%, 5% and 10% of the quantizable layers (rounded down, at least 1: what `--max-fp32` allows), and the fewest
 layers that reach --target dB and that reach what quantlab's order reaches with 10%: exact up to 10% (every count
-measured), beyond it the bracket "low-high" of the first doubling of that count that reaches it (random: the mean of
-the seeds' brackets), "-" where even every layer in float falls short. Every model variant is one run of quantlab's
+measured), beyond it a bracket "low-high" found by doubling then bisection (at most half the 10% count wide; random:
+the mean of the seeds' brackets), "-" where even every layer in float falls short. Every model variant is one run of quantlab's
 switch model (`quantlab.mixed.SwitchModel`, which for the tensorrt target computes what the export with those layers
 kept computes; one line per model compares it with the real export at quantlab's 10%, which ONNX Runtime runs with
 some integer kernels). Last, per model, what `quantlab drift --target-sqnr <target>` says (`mixed_precision` with the
@@ -104,18 +104,23 @@ class Curve:
 
     def layers_to(self, target: float, scanned: int) -> tuple[int, int] | None:
         """The fewest layers whose prefix reaches `target`, as (low, high): exact (low == high) up to `scanned`, every
-        count of which is measured; beyond, the bracket of the first doubling of `scanned` that reaches it. None where
-        even every layer in float falls short."""
+        count of which is measured; beyond it, doubling from `scanned` then bisection down to a bracket of at most
+        `scanned` // 2 counts (assuming that more layers in float do not lower the SQNR). None where even every layer
+        in float falls short."""
         for count in range(scanned + 1):
             if self(count) >= target:
                 return count, count
-        low, total = scanned, len(self.order)
-        while low < total:
-            high = min(total, max(1, low) * 2)
+        low, high, total = scanned, scanned, len(self.order)
+        while high < total:
+            low, high = high, min(total, max(1, high) * 2)
             if self(high) >= target:
-                return low + 1, high
-            low = high
-        return None
+                break
+        if self(high) < target:
+            return None
+        while high - low > max(1, scanned // 2):  # low falls short, high reaches it
+            middle = (low + high) // 2
+            low, high = (low, middle) if self(middle) >= target else (middle, high)
+        return low + 1, high
 
 
 def measure(name: str, method: str, target: float, seeds: int) -> dict:
