@@ -313,7 +313,7 @@ def calibrate(
         name, _, spec_variant = spec.partition(":")
         tables[spec] = calibrate_all(histograms, name, **({"variant": spec_variant} if spec_variant else {}))
     write_options = {"trt_version": trt_version} if trt_version else {}
-    min_max = {name: pair for name, pair in histograms.min_max().items() if name in amax}  # for asymmetric ranges
+    min_max = histograms.min_max(amax)  # for asymmetric ranges
     write_thresholds(out, Thresholds(amax, metadata, min_max), format=format, **write_options)
     console = _console()
     console.print(clipping_table(histograms, amax))

@@ -86,7 +86,7 @@ def run_demo(out: str | Path, progress: Progress | None = None) -> DemoResult:
     search = auto_calibrate(histograms, model=model_copy, data=paths.calib, progress=progress)
     amax = search.amax
     metadata = {"method": "auto", "auto": search.summary(), "source": {"histograms": "histograms.npz"}}
-    thresholds = Thresholds(amax, metadata, {name: pair for name, pair in histograms.min_max().items() if name in amax})
+    thresholds = Thresholds(amax, metadata, histograms.min_max(amax))
     for name, path in (("auto thresholds", out / "thresholds.json"), ("TensorRT calibration cache", out / "model.cache")):
         write_thresholds(path, thresholds)
         result.written[name] = path

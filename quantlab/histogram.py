@@ -7,7 +7,7 @@ A signed histogram of 2N bins over [-a, a] folds into the |x| histogram of N bin
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Container, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -182,10 +182,15 @@ class HistogramSet(Mapping):
 
         return histograms_frame(self)
 
-    def min_max(self) -> dict[str, tuple[float, float]]:
-        """Tensor name -> (smallest, largest) finite value seen, for every tensor where both are known: what an
-        asymmetric (uint8) range needs beside a threshold (`Thresholds.min_max`)."""
-        return {name: (hist.min, hist.max) for name, hist in self.histograms.items() if None not in (hist.min, hist.max)}
+    def min_max(self, names: Container[str] | None = None) -> dict[str, tuple[float, float]]:
+        """Tensor name -> (smallest, largest) finite value seen, for every tensor where both are known (of `names`
+        only, where given: e.g. the tensors a threshold table holds): what an asymmetric (uint8) range needs beside a
+        threshold (`Thresholds.min_max`)."""
+        return {
+            name: (hist.min, hist.max)
+            for name, hist in self.histograms.items()
+            if None not in (hist.min, hist.max) and (names is None or name in names)
+        }
 
     def save(self, path: str | Path) -> Path:
         """Write one `.npz` (no pickle) atomically: counts, edges and statistics stacked per tensor, JSON metadata."""

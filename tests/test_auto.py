@@ -55,7 +55,7 @@ def _worst_output_sqnr(qdq: onnx.ModelProto, feed: dict[str, np.ndarray]) -> flo
 
 
 def _exported_sqnr(histograms, amax: dict[str, float], target: str) -> float:
-    table = Thresholds(amax, {}, {name: pair for name, pair in histograms.min_max().items() if name in amax})
+    table = Thresholds(amax, {}, histograms.min_max(amax))
     return _worst_output_sqnr(quantize_qdq(DEMO_MODEL, table, target=target), _first_samples())
 
 
@@ -102,7 +102,7 @@ def test_auto_without_a_model_or_with_a_changed_one_says_what_to_pass(histograms
         calibrate(changed, "auto")
     with pytest.raises(QuantlabError, match="unknown option 'variant' for method 'auto'"):
         calibrate(histograms, "auto", variant="modelopt")
-    with pytest.raises(QuantlabError, match="samples must be an integer >= 1"):
+    with pytest.raises(QuantlabError, match="option samples must be >= 1, got 0"):
         calibrate(histograms, "auto", samples=0)
 
 

@@ -48,6 +48,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from quantlab.calibration._common import check_int
 from quantlab.errors import QuantlabError
 from quantlab.histogram import Histogram
 
@@ -133,13 +134,10 @@ def auto_calibrate(
 
     target = DEFAULT_TARGET if target is None else target
     export_target(target)  # a bad name fails before any work
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise QuantlabError(f"samples must be an integer >= 1, got {samples!r}")
-    if groups is not None and (isinstance(groups, bool) or not isinstance(groups, int) or groups < 0):
-        raise QuantlabError(f"groups must be an integer >= 0, got {groups!r}")
+    samples = check_int("samples", samples, 1)
+    groups = None if groups is None else check_int("groups", groups, 0)
     path, data = _model_and_data(histograms, model, data)
     fp32 = load_model(path)
-    min_max = histograms.min_max() if hasattr(histograms, "min_max") else {}
     tables: dict[str, dict[str, float]] = {}
     for index, (label, method, options) in enumerate(CANDIDATES):
         with warnings.catch_warnings():
@@ -150,7 +148,7 @@ def auto_calibrate(
 
     models = {}
     for label in labels:
-        table = Thresholds(tables[label], {}, {name: pair for name, pair in min_max.items() if name in tables[label]})
+        table = Thresholds(tables[label], {}, histograms.min_max(tables[label]) if hasattr(histograms, "min_max") else {})
         models[label] = quantize_qdq(path, table, weight_method=weight_method, target=target)
     search = _SearchModel(models, groups or GROUPS)
     with open_data(data, input_specs(fp32), limit=samples, batch_size=1) as opened:
@@ -215,7 +213,7 @@ class _SearchModel:
     def __init__(self, models: dict[str, onnx.ModelProto], groups: int) -> None:
         from quantlab.model import create_session
 
-        self.models, self.create_session = models, create_session
+        self.models = models
         first = next(iter(models.values()))
         values = {label: {init.name: numpy_helper.to_array(init) for init in model.graph.initializer} for label, model in models.items()}
         base = values[next(iter(values))]
@@ -223,6 +221,7 @@ class _SearchModel:
         differing = [
             name for name in base if self.shared and any(not np.array_equal(found[name], base[name]) for found in values.values())
         ]
+        self.differing = set(differing)
         self.values = {label: {name: found[name] for name in differing} for label, found in values.items()}
         owner = _activation_parameters(first)  # scale/zero point -> the tensor whose QuantizeLinear reads it
         tensors = list(dict.fromkeys(owner.values()))
@@ -236,8 +235,8 @@ class _SearchModel:
             model = onnx.ModelProto()
             model.CopyFrom(first)
             graph = model.graph
-            moved = [init for init in graph.initializer if init.name in self.values[next(iter(self.values))]]
-            kept = [init for init in graph.initializer if init.name not in self.values[next(iter(self.values))]]
+            moved = [init for init in graph.initializer if init.name in self.differing]
+            kept = [init for init in graph.initializer if init.name not in self.differing]
             del graph.initializer[:]
             graph.initializer.extend(kept)
             graph.input.extend(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)) for init in moved)
@@ -245,18 +244,16 @@ class _SearchModel:
 
     def run(self, choice: dict[int, str], outputs: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         """The outputs of the mix `choice` (group -> candidate) on one feed."""
-        from quantlab.model import run_session
+        from quantlab.model import create_session, run_session
 
         labels = set(choice.values())
         if not self.shared:  # one model per candidate: only unmixed choices exist (mixable is False)
             (label,) = labels
             if label not in self.sessions:
-                self.sessions[label] = self.create_session(self.models[label])
+                self.sessions[label] = create_session(self.models[label])
             return run_session(self.sessions[label], outputs, feed)
         uniform = next(iter(labels)) if len(labels) == 1 else None
-        params = {
-            name: self.values[uniform or choice[self.group_of[self.owner[name]]]][name] for name in self.values[next(iter(self.values))]
-        }
+        params = {name: self.values[uniform or choice[self.group_of[self.owner[name]]]][name] for name in self.differing}
         return run_session(self.sessions[""], outputs, {**feed, **params})
 
 
