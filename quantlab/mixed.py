@@ -169,7 +169,7 @@ class SwitchModel:
 def tensorrt_quantized(model_path: str | Path, thresholds):
     """For the tensorrt target: kept layers -> the FP32 tensors its export quantizes (its placement, run alone)."""
     from quantlab.formats import Thresholds
-    from quantlab.formats.qdq import prepared_model
+    from quantlab.formats.qdq import prepared_model, small_gemms
     from quantlab.formats.qdq_tensorrt import _thresholded_placement
     from quantlab.model import activation_tensors, load_model, tensor_types
 
@@ -177,11 +177,12 @@ def tensorrt_quantized(model_path: str | Path, thresholds):
     prepared = prepared_model(load_model(path), path)
     activations = activation_tensors(prepared, tensor_types(prepared))
     amax = thresholds.amax if isinstance(thresholds, Thresholds) else dict(thresholds)
+    small = small_gemms(prepared)  # kept in float by every export, as quantize_qdq keeps them
 
     def quantized(kept: set[str]) -> set[str]:
         with warnings.catch_warnings():  # quantize_qdq has warned of the tensors without a threshold already
             warnings.simplefilter("ignore")
-            placement, _ = _thresholded_placement(prepared, activations, set(kept), amax, path)
+            placement, _ = _thresholded_placement(prepared, activations, set(kept) | small, amax, path)
         return set(placement.ranged) | {shared[0] for shared in placement.shared}
 
     return quantized

@@ -97,9 +97,13 @@ def test_keeping_the_worst_layers_in_fp32_improves_final_sqnr(thresholds):
     assert steps[-1].sqnr_db > steps[1].sqnr_db > steps[0].sqnr_db
     kept = {node.name for node in mixed.graph.node if node.op_type in ("Conv", "Gemm")}
     assert set(steps[-1].kept_fp32) <= kept
-    target = steps[1].sqnr_db
+    # A target between none kept and the worst layer kept is reached with that layer alone. Halfway, not the
+    # one-layer SQNR itself: the steps are measured on the switch model, the chosen export as ONNX Runtime runs it
+    # (integer kernels), which rounds a few thousandths of a dB either way.
+    target = (steps[0].sqnr_db + steps[1].sqnr_db) / 2
     by_target, _ = propose_fp32(DEMO_MODEL, thresholds, data, target_sqnr=target)
     assert by_target[-1].sqnr_db >= target and len(by_target) == 2
+    assert by_target[-1].kept_fp32 == steps[1].kept_fp32
 
 
 def test_cli_drift_writes_json_and_plot(tmp_path, thresholds):

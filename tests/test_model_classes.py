@@ -18,6 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from quantlab.formats import read_thresholds
 from quantlab.formats.qdq import fp32_names
+from quantlab.mixed import quantized_layers
 from test_cli import assert_one_line_error, run
 
 RNG = np.random.default_rng(0)
@@ -77,15 +78,16 @@ def save_constant_weights_model(path: Path) -> dict[str, tuple[np.ndarray, int]]
     """A model without a single initializer: every weight is a Constant node, directly or behind a chain.
 
     x [N, 3, 8, 8] -> conv (Constant) -> Relu -> conv2 (Unsqueeze of a Constant: a 3x1 kernel) -> Relu
-    -> deconv (ConvTranspose, Reshape of a flat Constant) -> Relu -> GlobalAveragePool -> Flatten
-    -> fc (Gemm transB, Transpose of a Constant) -> proj (MatMul, Identity of a Cast of a float16 Constant): y [N, 3].
+    -> deconv (ConvTranspose to 16 channels, Reshape of a flat Constant) -> Relu -> GlobalAveragePool -> Flatten
+    -> fc (Gemm transB, Transpose of a Constant) -> proj (MatMul, Identity of a Cast of a float16 Constant): y [N, 16].
+    fc and proj are 16 x 16 (a MatMul or Gemm below MIN_GEMM_DIM stays in float).
     Returns node name -> (its weight's FP32 value, output-channel axis).
     """
     conv_w, conv_b = weights(4, 3, 3, 3), weights(4)
     conv2_w = weights(4, 4, 3)
-    deconv_w = weights(4, 2, 2, 2)
-    fc_w, fc_b = weights(5, 2), weights(5)
-    proj_w = weights(5, 3, dtype=np.float16)
+    deconv_w = weights(4, 16, 2, 2)
+    fc_w, fc_b = weights(16, 16), weights(16)
+    proj_w = weights(16, 16, dtype=np.float16)
     nodes = [
         constant("conv.w", conv_w),
         constant("conv.b", conv_b),
@@ -116,7 +118,7 @@ def save_constant_weights_model(path: Path) -> dict[str, tuple[np.ndarray, int]]
         path,
         nodes,
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])],
     )
     return {
         "conv": (conv_w, 0),
@@ -168,7 +170,7 @@ def save_opset11_model(path: Path, ir_version: int) -> Path:
 
     x [N, 3, 8, 8] -> Pad (reflect) -> conv (Constant weights) -> Relu -> Split [2, 2] -> Concat (swapped) -> Resize x2
     -> deconv (ConvTranspose) -> ReduceSum (axes 3) -> Softmax (axis 1 of a 3-D tensor) -> Clip -> Unsqueeze (axes 1)
-    -> Squeeze (axes 1) -> Flatten -> fc (Gemm): y [N, 5].
+    -> Squeeze (axes 1) -> Flatten -> fc (Gemm, 64 -> 16): y [N, 16].
     """
     nodes = [
         constant("conv.w", weights(4, 3, 3, 3)),
@@ -195,13 +197,13 @@ def save_opset11_model(path: Path, ir_version: int) -> Path:
         numpy_helper.from_array(weights(4, 2, 2, 2), "deconv.w"),
         numpy_helper.from_array(np.array(0.001, np.float32), "low"),
         numpy_helper.from_array(np.array(0.5, np.float32), "high"),
-        numpy_helper.from_array(weights(5, 2 * 32), "fc.w"),
-        numpy_helper.from_array(weights(5), "fc.b"),
+        numpy_helper.from_array(weights(16, 2 * 32), "fc.w"),
+        numpy_helper.from_array(weights(16), "fc.b"),
     ]
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])]
     if ir_version < 4:
         inputs += [helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in initializers]
-    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])]
     return save(path, nodes, inputs, outputs, initializers, opset=11, ir_version=ir_version)
 
 
@@ -257,8 +259,9 @@ def save_encoder_model(path: Path) -> Path:
 
     ids -> Gather -> LayerNorm -> ffn1 (MatMul) -> Relu -> ffn2 (MatMul) -> + residual -> LayerNorm -> `463`;
     mask -> Cast -> Unsqueeze -> x `463` -> ReduceSum over tokens -> pool (Gemm) -> Tanh -> `output` -> head (MatMul).
+    Width 16, ffn 32: ffn1, ffn2 and pool are quantized; head, making 3 logits, stays in float (N < MIN_GEMM_DIM).
     """
-    width = 8
+    width = 16
     norm0, init0 = layer_norm("embedded", "normed", "ln0/", width)
     norm1, init1 = layer_norm("residual", "463", "ln1/", width)
     nodes = [
@@ -279,8 +282,8 @@ def save_encoder_model(path: Path) -> Path:
     ]
     initializers = [
         numpy_helper.from_array(weights(20, width), "table"),
-        numpy_helper.from_array(weights(width, 16), "ffn1.w"),
-        numpy_helper.from_array(weights(16, width), "ffn2.w"),
+        numpy_helper.from_array(weights(width, 32), "ffn1.w"),
+        numpy_helper.from_array(weights(32, width), "ffn2.w"),
         numpy_helper.from_array(weights(width, width) * 0.3, "pool.w"),
         numpy_helper.from_array(weights(width), "pool.b"),
         numpy_helper.from_array(weights(width, 3), "head.w"),
@@ -322,6 +325,7 @@ def test_encoder_outputs_keep_names_types_and_order_and_drift_reports_each(tmp_p
     fp32, qdq = onnx.load(str(model)), onnx.load(str(tmp_path / "q.onnx"))
     assert list(qdq.graph.output) == list(fp32.graph.output)  # names, order, element types and shapes
     assert [node.op_type for node in qdq.graph.node if node.output[0] == "463"] == ["Add"]  # still computed, in float
+    assert quantized_layers(qdq) == ["ffn1", "ffn2", "pool"]  # head makes 3 logits: below MIN_GEMM_DIM, left in float
     outputs = report["final"]["outputs"]
     assert [o["name"] for o in outputs] == ["463", "output", "logits"]
     assert all(o["sqnr_db"] > 20 and o["values"] > 0 for o in outputs)
@@ -342,11 +346,11 @@ def test_float_input_passed_through_and_quantized_stays_an_output(tmp_path):
     model = save(
         tmp_path / "passthrough.onnx",
         [helper.make_node("MatMul", ["x", "w"], ["h"], name="proj"), helper.make_node("Relu", ["h"], ["y"])],
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4]), helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
-        [numpy_helper.from_array(weights(8, 4), "w")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16]), helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [numpy_helper.from_array(weights(16, 16), "w")],  # 16 x 16: a smaller MatMul stays in float
     )
-    report = four_commands(model, image_data(tmp_path / "data", shape=(8,)), tmp_path)
+    report = four_commands(model, image_data(tmp_path / "data", shape=(16,)), tmp_path)
     qdq = onnx.load(str(tmp_path / "q.onnx"))
     assert [output.name for output in qdq.graph.output] == ["y", "x"]
     assert producer_of(qdq)[node_named(qdq, "proj").input[0]].op_type == "DequantizeLinear"
@@ -359,11 +363,12 @@ def test_float_input_passed_through_and_quantized_stays_an_output(tmp_path):
 
 
 def save_frame_count_model(path: Path) -> Path:
-    """A model that takes a shape from a float activation, as audio front ends count frames: length = x @ e0 (a
-    MatMul, so its input is quantized), frames = int(max(length)), y = sum(Reshape(x, [frames, -1])). With x[0] = 3
-    and max|x| = 4, INT8 rounds 3 to 95 x 4/127 = 2.99, so the Q/DQ model asks to reshape 9 values into 2 rows."""
-    selector = np.zeros((9, 1), np.float32)
-    selector[0, 0] = 1
+    """A model that takes a shape from a float activation, as audio front ends count frames: length = x @ S, where
+    every column of S [21, 16] selects x[0] (a MatMul large enough to be quantized, so its input is), frames =
+    int(max(length)), y = sum(Reshape(x, [frames, -1])). With x[0] = 3 and max|x| = 4, INT8 rounds 3 to
+    95 x 4/127 = 2.99, so the Q/DQ model asks to reshape 21 values into 2 rows."""
+    selector = np.zeros((21, 16), np.float32)
+    selector[0, :] = 1
     nodes = [
         helper.make_node("MatMul", ["x", "selector"], ["length"], name="length"),
         helper.make_node("ReduceMax", ["length"], ["longest"], keepdims=0),
@@ -379,7 +384,7 @@ def save_frame_count_model(path: Path) -> Path:
         numpy_helper.from_array(np.array([-1], np.int64), "rest"),
         numpy_helper.from_array(np.array([1], np.int64), "one"),
     ]
-    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 9])]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 21])]
     return save(path, nodes, inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None])], initializers, opset=13)
 
 
@@ -387,7 +392,7 @@ def test_export_that_onnx_runtime_cannot_run_names_the_node_and_keeps_the_previo
     model = save_frame_count_model(tmp_path / "frames.onnx")
     data = tmp_path / "data"
     data.mkdir()
-    x = np.zeros((3, 9), np.float32)
+    x = np.zeros((3, 21), np.float32)
     x[:, 0], x[:, 1] = 3, 4
     np.save(data / "x.npy", x)
     for command in (
@@ -412,17 +417,17 @@ def test_export_that_onnx_runtime_cannot_run_names_the_node_and_keeps_the_previo
 
 
 def test_batched_matmul_weight_is_quantized_per_tensor_so_onnx_runtime_runs_it(tmp_path):
-    """A MatMul whose weight is a stack of matrices [2, 8, 6]: per channel, ONNX Runtime's quantizer scales along
+    """A MatMul whose weight is a stack of matrices [2, 16, 16]: per channel, ONNX Runtime's quantizer scales along
     axis 1 (the reduction axis), and its INT8 MatMul kernel refuses any per-channel scale on a 3-D weight."""
-    weight = weights(2, 8, 6)
+    weight = weights(2, 16, 16)
     model = save(
         tmp_path / "batched.onnx",
         [helper.make_node("MatMul", ["x", "w"], ["h"], name="heads"), helper.make_node("Relu", ["h"], ["y"])],
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 5, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 5, 6])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 5, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 5, 16])],
         [numpy_helper.from_array(weight, "w")],
     )
-    report = four_commands(model, image_data(tmp_path / "data", shape=(2, 5, 8)), tmp_path, "--method", "max")
+    report = four_commands(model, image_data(tmp_path / "data", shape=(2, 5, 16)), tmp_path, "--method", "max")
     qdq = onnx.load(str(tmp_path / "q.onnx"))
     dequantize = producer_of(qdq)[node_named(qdq, "heads").input[1]]
     scale = next(numpy_helper.to_array(init) for init in qdq.graph.initializer if init.name == dequantize.input[1])
@@ -462,9 +467,9 @@ def save_mixed_model(path: Path) -> Path:
     ids -> Gather -> LayerNorm (written out) -> Transpose -> LSTM -> Squeeze -> GRU -> Squeeze -> seq (MatMul);
     bytes -> Cast -> Div 255 -> byte (MatMul);
     spectrogram -> conv -> Relu -> Resize x2 -> deconv (ConvTranspose) -> Relu -> GlobalAveragePool -> Flatten
-    -> image (Gemm); logits = seq + byte + image.
+    -> image (Gemm); logits = seq + byte + image. The MatMuls and the Gemm are 16 x 16 (smaller ones stay in float).
     """
-    hidden, width = 6, 8
+    hidden, width = 16, 8
     norm, norm_init = layer_norm("embedded", "normed", "ln/", width)
     nodes = [
         helper.make_node("Gather", ["table", "ids"], ["embedded"], axis=0),
@@ -497,16 +502,16 @@ def save_mixed_model(path: Path) -> Path:
         numpy_helper.from_array(weights(1, 3 * hidden, hidden), "gru.W"),
         numpy_helper.from_array(weights(1, 3 * hidden, hidden), "gru.R"),
         numpy_helper.from_array(weights(1, 6 * hidden), "gru.B"),
-        numpy_helper.from_array(weights(hidden, 4), "seq.w"),
+        numpy_helper.from_array(weights(hidden, 16), "seq.w"),
         numpy_helper.from_array(np.array(255, np.float32), "byte_range"),
-        numpy_helper.from_array(weights(16, 4), "byte.w"),
+        numpy_helper.from_array(weights(16, 16), "byte.w"),
         numpy_helper.from_array(weights(4, 1, 3, 3), "conv.w"),
         numpy_helper.from_array(weights(4), "conv.b"),
         numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"),
-        numpy_helper.from_array(weights(4, 3, 2, 2), "deconv.w"),
-        numpy_helper.from_array(weights(3), "deconv.b"),
-        numpy_helper.from_array(weights(3, 4), "image.w"),
-        numpy_helper.from_array(weights(4), "image.b"),
+        numpy_helper.from_array(weights(4, 16, 2, 2), "deconv.w"),
+        numpy_helper.from_array(weights(16), "deconv.b"),
+        numpy_helper.from_array(weights(16, 16), "image.w"),
+        numpy_helper.from_array(weights(16), "image.b"),
         numpy_helper.from_array(np.array([0], np.int64), "zero"),
         numpy_helper.from_array(np.array([1], np.int64), "one"),
         *norm_init,
@@ -516,7 +521,7 @@ def save_mixed_model(path: Path) -> Path:
         helper.make_tensor_value_info("bytes", TensorProto.INT32, ["N", 16]),
         helper.make_tensor_value_info("spectrogram", TensorProto.FLOAT, ["N", 1, 6, 6]),
     ]
-    return save(path, nodes, inputs, [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])], initializers)
+    return save(path, nodes, inputs, [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 16])], initializers)
 
 
 def mixed_data(directory: Path, files: int = 3, samples: int = 4) -> Path:

@@ -2,9 +2,9 @@
 
 One small model built with onnx.helper holds the classes that matter on the real models: a Conv whose weight is a
 Constant node, followed by SiLU (Sigmoid * Mul, as after every YOLOv8 Conv); a Conv followed by BatchNormalization
-and Relu; a residual Add; a Concat of tensors of unrelated ranges feeding a Conv; GlobalAveragePool; MatMul and Gemm;
-and YOLO's post-processing after the last weighted op: class scores (0-1) and box pixels (0-320) concatenated into the
-graph output. It goes through the CLI as a user runs it (collect, calibrate to JSON, export --target onnxruntime,
+and Relu; a residual Add; a Concat of tensors of unrelated ranges feeding a Conv; GlobalAveragePool; MatMul and Gemm
+(16 x 16: smaller ones stay in float); and YOLO's post-processing after the last weighted op: class scores (0-1) and
+box pixels (0-320) concatenated into the graph output. It goes through the CLI as a user runs it (collect, calibrate to JSON, export --target onnxruntime,
 drift), and the tests read what ONNX Runtime made of it from its optimized graph.
 """
 
@@ -29,15 +29,15 @@ WEIGHTED = {"conv1": "Conv", "conv2": "Conv", "conv3": "Conv", "conv4": "Conv", 
 
 
 def save_zoo(path: Path) -> Path:
-    """x [batch, 3, 16, 16] -> out [batch, 12] (module docstring); node names as in WEIGHTED."""
+    """x [batch, 3, 16, 16] -> out [batch, 32] (module docstring); node names as in WEIGHTED."""
     rng = np.random.default_rng(0)
 
     def weight(*shape: int) -> np.ndarray:
         return (rng.normal(size=shape) * 0.3).astype(np.float32)
 
     initializers = {
-        "w2": weight(8, 8, 3, 3), "b2": weight(8), "w3": weight(8, 8, 3, 3), "w4": weight(8, 16, 1, 1),
-        "b4": weight(8), "wm": weight(8, 12), "wg": weight(6, 12), "bg": weight(6), "gamma": 1 + weight(8),
+        "w2": weight(8, 8, 3, 3), "b2": weight(8), "w3": weight(8, 8, 3, 3), "w4": weight(16, 16, 1, 1),
+        "b4": weight(16), "wm": weight(16, 16), "wg": weight(16, 16), "bg": weight(16), "gamma": 1 + weight(8),
         "beta": weight(8), "mean": weight(8), "var": np.abs(weight(8)) + 0.5, "hundredth": np.float32(0.01),
         "pixels": np.float32(320.0),
     }
@@ -63,7 +63,7 @@ def save_zoo(path: Path) -> Path:
         helper.make_node("Mul", ["scores", "pixels"], ["boxes"], name="boxes"),
         helper.make_node("Concat", ["boxes", "scores"], ["out"], name="output_concat", axis=1),
     ]
-    return save_graph(path, "zoo", nodes, initializers, ["batch", 3, 16, 16], ["batch", 12])
+    return save_graph(path, "zoo", nodes, initializers, ["batch", 3, 16, 16], ["batch", 32])
 
 
 def save_graph(path: Path, name: str, nodes: list, initializers: dict, x_shape: list, out_shape: list) -> Path:
@@ -170,12 +170,12 @@ def test_weights_int8_per_channel_from_constant_node_and_folded_batch_norm(zoo):
     model = qdq_of(zoo)
     values = initializers(model)
     producer = {name: node for node in model.graph.node for name in node.output}
-    for name in ("conv1", "conv2", "conv3", "conv4"):
+    for name, channels in (("conv1", 8), ("conv2", 8), ("conv3", 8), ("conv4", 16)):
         conv = next(node for node in model.graph.node if node.name == name)
         weight = producer[conv.input[1]]
         int8_weight, scale, zero_point = (values[tensor] for tensor in weight.input)
         assert weight.op_type == "DequantizeLinear" and int8_weight.dtype == np.int8 and not zero_point.any(), name
-        assert scale.shape == (8,) and int8_weight.shape[0] == 8, name  # one scale per output channel
+        assert scale.shape == (channels,) and int8_weight.shape[0] == channels, name  # one scale per output channel
     assert "bn2" not in {node.name for node in model.graph.node}  # folded into conv2's weight and bias
     assert next(node for node in model.graph.node if node.name == "conv2").output[0] == "n2"
 
@@ -285,9 +285,10 @@ def test_json_table_round_trips_min_max_and_refuses_bad_ones(tmp_path):
 
 
 def save_mobile_block(path: Path) -> Path:
-    """x [batch, 4, 12, 12] -> out [batch, 8]: a PP-LCNet / MobileNetV3 block as exported: Conv, HardSwish written out
+    """x [batch, 4, 12, 12] -> out [batch, 16]: a PP-LCNet / MobileNetV3 block as exported: Conv, HardSwish written out
     (Add 3, Clip 0..6, Mul, Div 6), a learnable scale (Mul by a scalar), MaxPool, a depthwise Conv, and a C2f-like
-    Split -> Conv -> Concat of alike ranges feeding a 1x1 Conv; GlobalAveragePool and a Gemm head."""
+    Split -> Conv -> Concat of alike ranges feeding a 1x1 Conv to 16 channels; GlobalAveragePool and a 16 x 16 Gemm
+    head (a smaller one would stay in float)."""
     rng = np.random.default_rng(2)
 
     def weight(*shape: int) -> np.ndarray:
@@ -296,7 +297,7 @@ def save_mobile_block(path: Path) -> Path:
     initializers = {
         "w1": weight(8, 4, 3, 3), "b1": weight(8), "three": np.float32(3.0), "zero": np.float32(0.0),
         "six": np.float32(6.0), "lab_scale": np.array([1.3], np.float32), "wd": weight(8, 1, 3, 3),
-        "w2": weight(8, 4, 3, 3), "w3": weight(8, 16, 1, 1), "wg": weight(8, 8), "split": np.array([4, 4], np.int64),
+        "w2": weight(8, 4, 3, 3), "w3": weight(16, 16, 1, 1), "wg": weight(16, 16), "split": np.array([4, 4], np.int64),
     }
     nodes = [
         helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
@@ -316,7 +317,7 @@ def save_mobile_block(path: Path) -> Path:
         helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
         helper.make_node("Gemm", ["flat", "wg"], ["out"], name="gemm"),
     ]
-    return save_graph(path, "mobile_block", nodes, initializers, ["batch", 4, 12, 12], ["batch", 8])
+    return save_graph(path, "mobile_block", nodes, initializers, ["batch", 4, 12, 12], ["batch", 16])
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,12 @@ import quantlab
 from conftest import CALIB_DIR, DEMO_MODEL, EVAL_INPUTS, EVAL_LABELS
 from models import save_multi_input_data, save_multi_input_model
 from quantlab.errors import QuantlabError
-from quantlab.formats.qdq import export_qdq, fp32_names, quantize_qdq
+from quantlab.formats.qdq import export_qdq, fp32_names, quantize_qdq, small_gemms
 from quantlab.model import activation_tensors, create_session, with_outputs
 
 WEIGHTED = ("Conv", "Gemm")  # the weighted ops of the demo model
+# The demo's last Gemm makes 10 logits from 64 features: N = 10 < MIN_GEMM_DIM, so both targets leave it in float.
+LOGITS_GEMM = "/head/head.7/Gemm"
 
 
 def percentile_amax(hist: quantlab.Histogram, percent: float = 99.99) -> float:
@@ -97,24 +99,26 @@ def test_exported_model_validates_runs_and_keeps_accuracy(
     assert abs(int8_top1 - fp32_top1) <= 0.010
 
 
-def test_onnx_runtime_runs_convs_and_gemm_with_int8_kernels(qdq, tmp_path):
+def test_onnx_runtime_runs_the_convs_with_int8_kernels(qdq, tmp_path):
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     options.log_severity_level = 3
     ort.InferenceSession(qdq.SerializeToString(), options, providers=["CPUExecutionProvider"])
     ops = [node.op_type for node in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
-    # stem.0, stem.3 and head.1 become QLinearConv, head.5 QGemm (ONNX Runtime >= 1.21 quantizes the float biases
-    # itself to fuse them). Only the residual conv, whose output goes into the Add (float by TensorRT's rules), runs
-    # in float on dequantized inputs; so does the logits Gemm (float output) in ONNX Runtime 1.32.
+    # stem.0, stem.3 and head.1 become QLinearConv (their outputs share the scale of the Relu or MaxPool output the
+    # next layer reads). The residual conv, whose output goes into the Add (float by TensorRT's rules), runs in float
+    # on dequantized inputs. So does head.5: the Relu after it fed the logits Gemm, which stays in float (N = 10),
+    # so nothing quantizes that Relu output and head.5's output has no Q/DQ to fuse a QGemm with.
     assert ops.count("QLinearConv") == 3
-    assert ops.count("QGemm") >= 1
     assert sum(op in ("Conv", "FusedConv") for op in ops) == 1
+    assert "QGemm" not in ops and sum(op in ("Gemm", "FusedGemm") for op in ops) == 2
 
 
 def test_every_weighted_op_reads_dequantized_activation_and_per_channel_weight(qdq, fp32):
     made_by, values = producers(qdq), initializers(qdq)
-    weighted = [node for node in qdq.graph.node if node.op_type in WEIGHTED]
-    assert len(weighted) == 6
+    weighted = [node for node in qdq.graph.node if node.op_type in WEIGHTED and node.name != LOGITS_GEMM]
+    assert len(weighted) == 5  # 4 Conv and head.5's Gemm (64 x 512); the logits Gemm reads its FP32 inputs
+    assert list(nodes_named(qdq)[LOGITS_GEMM].input) == list(nodes_named(fp32)[LOGITS_GEMM].input)
     for node in weighted:
         activation, weight = made_by[node.input[0]], made_by[node.input[1]]
         assert activation.op_type == weight.op_type == "DequantizeLinear", node.name
@@ -134,7 +138,7 @@ def test_every_weighted_op_reads_dequantized_activation_and_per_channel_weight(q
 def test_activation_scales_are_amax_over_127_with_zero_point_zero(qdq, fp32, max_amax):
     values, fp32_nodes = initializers(qdq), nodes_named(fp32)
     made_by = producers(qdq)
-    for node in (node for node in qdq.graph.node if node.op_type in WEIGHTED):
+    for node in (node for node in qdq.graph.node if node.op_type in WEIGHTED and node.name != LOGITS_GEMM):
         source = fp32_nodes[node.name].input[0]  # the FP32 tensor this op reads
         _, scale, zero_point = made_by[node.input[0]].input
         assert values[scale] == f32_scale(max_amax[source]), source
@@ -211,7 +215,7 @@ def test_fp32_names_maps_every_qdq_activation_back(qdq, fp32, demo_feeds, max_am
     values = initializers(qdq)
     int8_tensors = {node.output[0] for node in qdq.graph.node if node.op_type == "QuantizeLinear"}
     weights = {n.output[0] for n in qdq.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in values}
-    assert len(weights) == 6 and not (int8_tensors | weights) & set(names)
+    assert len(weights) == 5 and not (int8_tensors | weights) & set(names)  # the logits Gemm's weight stays float
 
     feed = demo_feeds[0]
     dequantized = create_session(with_outputs(qdq, ["input_DequantizeLinear_Output"])).run(
@@ -240,12 +244,12 @@ def test_mse_weights_clip_per_channel_and_never_round_worse(max_amax, fp32, eval
 
 
 def test_keep_fp32_by_node_or_output_name_leaves_layers_float(max_amax, fp32, eval_set):
-    model = quantize_qdq(
-        DEMO_MODEL, max_amax, keep_fp32=["/head/head.7/Gemm", "/residual/residual.0/Conv_output_0"]
+    model = quantize_qdq(  # head.5's Gemm: the logits Gemm stays in float without being named
+        DEMO_MODEL, max_amax, keep_fp32=["/head/head.5/Gemm", "/residual/residual.0/Conv_output_0"]
     )
     onnx.checker.check_model(model)
     made_by, fp32_nodes = producers(model), nodes_named(fp32)
-    for name in ("/head/head.7/Gemm", "/residual/residual.0/Conv"):
+    for name in ("/head/head.5/Gemm", "/residual/residual.0/Conv"):
         node = nodes_named(model)[name]
         assert list(node.input) == list(fp32_nodes[name].input)  # original float activation, weight and bias
         assert all(made_by.get(x) is None or made_by[x].op_type != "DequantizeLinear" for x in node.input)
@@ -283,11 +287,13 @@ def test_a_tensor_without_a_threshold_stays_in_float_and_so_does_its_weighted_op
     """Calibrate leaves out the tensors INT8 cannot represent; export keeps them in float, as TensorRT keeps a tensor
     its cache lacks, with the Gemm reading it (ONNX Runtime quantizes a weighted op's inputs together)."""
     partial = {name: amax for name, amax in max_amax.items() if name != "/head/head.4/Flatten_output_0"}
-    with pytest.warns(UserWarning, match=r"^no threshold for 1 of the 6 tensors digits_cnn\.onnx quantizes, left in "
+    # 5 tensors: input, the two stem Relu outputs, the MaxPool and Flatten outputs; head.6's Relu output is read by
+    # the logits Gemm alone, which stays in float (N = 10 < MIN_GEMM_DIM)
+    with pytest.warns(UserWarning, match=r"^no threshold for 1 of the 5 tensors digits_cnn\.onnx quantizes, left in "
                       r"float: /head/head\.4/Flatten_output_0$"):
         model = quantize_qdq(DEMO_MODEL, partial)
     quantized = {node.input[0] for node in model.graph.node if node.op_type == "QuantizeLinear"}
-    assert "/head/head.4/Flatten_output_0" not in quantized and "/head/head.6/Relu_output_0" in quantized
+    assert "/head/head.4/Flatten_output_0" not in quantized and "/head/head.0/MaxPool_output_0" in quantized
     gemm = next(node for node in model.graph.node if node.name == "/head/head.5/Gemm")
     assert list(gemm.input[:2]) == ["/head/head.4/Flatten_output_0", "head.5.weight"]  # float input, float weight
     create_session(model)
@@ -297,8 +303,8 @@ def test_thresholds_of_another_model_are_refused(tmp_path):
     other = save_multi_input_model(tmp_path / "other.onnx")
     histograms = quantlab.collect(other, save_multi_input_data(tmp_path / "data"))
     cache = {name: hist.amax for name, hist in histograms.items()}
-    with pytest.raises(QuantlabError, match=r"no threshold for 6 of the 6 tensors digits_cnn\.onnx quantizes: "
-                       r"input, /stem/stem\.2/Relu_output_0, /stem/stem\.5/Relu_output_0 and 3 more"):
+    with pytest.raises(QuantlabError, match=r"no threshold for 5 of the 5 tensors digits_cnn\.onnx quantizes: "
+                       r"input, /stem/stem\.2/Relu_output_0, /stem/stem\.5/Relu_output_0 and 2 more"):
         quantize_qdq(DEMO_MODEL, cache)
 
 
@@ -327,12 +333,12 @@ def test_bad_options_are_refused(options, message, max_amax):
 
 
 def test_float64_model_is_refused(tmp_path):
-    graph = helper.make_graph(
+    graph = helper.make_graph(  # a 16 x 16 weight: a smaller MatMul would stay in float, with nothing to refuse
         [helper.make_node("MatMul", ["x", "weight"], ["y"], name="matmul")],
         "float64",
-        [helper.make_tensor_value_info("x", onnx.TensorProto.DOUBLE, [1, 4])],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.DOUBLE, [1, 3])],
-        initializer=[numpy_helper.from_array(np.ones((4, 3)), "weight")],
+        [helper.make_tensor_value_info("x", onnx.TensorProto.DOUBLE, [1, 16])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.DOUBLE, [1, 16])],
+        initializer=[numpy_helper.from_array(np.ones((16, 16)), "weight")],
     )
     path = tmp_path / "float64.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
@@ -365,3 +371,170 @@ def test_failed_export_leaves_no_file_and_keeps_an_existing_one(max_amax, tmp_pa
 def test_unwritable_output_fails_before_any_work(max_amax, tmp_path):
     with pytest.raises(QuantlabError, match="does not exist"):
         export_qdq(DEMO_MODEL, max_amax, tmp_path / "missing" / "model.qdq.onnx")
+
+
+# The small-GEMM rule (`small_gemms`): a MatMul or Gemm whose weight (second input) has K or N below MIN_GEMM_DIM = 16
+# stays in float for either target and reads the float tensors, while one with K, N >= 16 in the same model is
+# quantized. Each model is calibrated (max, with min/max) on random data and exported with `quantlab.export_qdq`,
+# which runs it in ONNX Runtime; the export must then stay close to the FP32 model on another sample.
+
+TARGETS = ("tensorrt", "onnxruntime")
+
+
+def save_rule_model(path, nodes, inputs: dict, outputs: dict, weights: dict[str, np.ndarray]):
+    """A float32 opset 17 model of `nodes`; inputs and outputs map names to shapes, `weights` are its initializers."""
+    graph = helper.make_graph(
+        nodes,
+        path.stem,
+        [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape) for name, shape in inputs.items()],
+        [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape) for name, shape in outputs.items()],
+        initializer=[numpy_helper.from_array(value, name) for name, value in weights.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def rule_weights(**shapes: tuple[int, ...]) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {name: (rng.normal(size=shape) / np.sqrt(shape[-1])).astype(np.float32) for name, shape in shapes.items()}
+
+
+def export_for(path, target: str, tmp_path, sample: tuple[int, ...]) -> onnx.ModelProto:
+    """The Q/DQ model `quantlab.export_qdq` writes for `target`, checked against FP32 on a held-out sample of x."""
+    rng = np.random.default_rng(1)
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    for index in range(4):
+        np.save(data / f"{index}.npy", rng.normal(size=(4, *sample)).astype(np.float32))
+    histograms = quantlab.collect(path, data)
+    thresholds = quantlab.Thresholds(quantlab.calibrate(histograms, "max"), min_max=histograms.min_max())
+    out = quantlab.export_qdq(path, thresholds, tmp_path / f"{target}.onnx", data=data, target=target)
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model, full_check=True)
+    feed = {"x": rng.normal(size=(2, *sample)).astype(np.float32)}
+    for want, have in zip(create_session(onnx.load(str(path))).run(None, feed), create_session(model).run(None, feed)):
+        assert 10 * np.log10(np.sum(want.astype(np.float64) ** 2) / np.sum((want - have) ** 2.0)) > 25
+    return model
+
+
+def assert_reads_float(model: onnx.ModelProto, name: str, inputs: list[str]) -> None:
+    """Node `name` reads `inputs`, the FP32 tensors and weights, none of them through a DequantizeLinear."""
+    node, made_by = nodes_named(model)[name], producers(model)
+    assert list(node.input) == inputs, name
+    assert all(made_by.get(x) is None or made_by[x].op_type != "DequantizeLinear" for x in node.input), name
+    assert all(initializers(model)[x].dtype == np.float32 for x in inputs if x in initializers(model)), name
+
+
+def assert_quantized(model: onnx.ModelProto, name: str, weight: np.ndarray | None) -> None:
+    """Node `name` reads both its inputs through DequantizeLinear; a `weight` as int8 per output channel."""
+    node, made_by, values = nodes_named(model)[name], producers(model), initializers(model)
+    dequantized = [made_by[x] for x in node.input[:2]]
+    assert all(dq.op_type == "DequantizeLinear" for dq in dequantized), name
+    assert made_by[dequantized[0].input[0]].op_type == "QuantizeLinear", name  # an activation's Q/DQ pair
+    if weight is not None:
+        int8_weight, scale, _ = (values[x] for x in dequantized[1].input)
+        axis = next(attr.i for attr in dequantized[1].attribute if attr.name == "axis")
+        assert int8_weight.dtype == np.int8 and scale.shape == (weight.shape[axis],), name
+        broadcast = np.expand_dims(scale, 1 - axis)
+        assert np.all(np.abs(int8_weight * broadcast - weight) <= broadcast / 2 * (1 + 1e-6)), name
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_matmul_with_a_weight_below_16_stays_float_beside_a_quantized_one(target, tmp_path):
+    """big (32 x 16) -> Relu -> act, read by side (16 x 16), few_out (16 x 4: N = 4) and, after it, few_in (4 x 16:
+    K = 4). act is quantized for side, and few_out still reads it in float."""
+    weights = rule_weights(w_big=(32, 16), w_side=(16, 16), w_few_out=(16, 4), w_few_in=(4, 16))
+    path = save_rule_model(
+        tmp_path / "matmuls.onnx",
+        [
+            helper.make_node("MatMul", ["x", "w_big"], ["h"], name="big"),
+            helper.make_node("Relu", ["h"], ["act"], name="relu"),
+            helper.make_node("MatMul", ["act", "w_side"], ["z"], name="side"),
+            helper.make_node("MatMul", ["act", "w_few_out"], ["logits"], name="few_out"),
+            helper.make_node("MatMul", ["logits", "w_few_in"], ["y"], name="few_in"),
+        ],
+        {"x": ["batch", 32]},
+        {"z": ["batch", 16], "y": ["batch", 16]},
+        weights,
+    )
+    assert small_gemms(onnx.load(str(path))) == {"few_out", "few_in"}
+    model = export_for(path, target, tmp_path, (32,))
+    assert_quantized(model, "big", weights["w_big"])
+    assert_quantized(model, "side", weights["w_side"])
+    assert fp32_names(model)[nodes_named(model)["side"].input[0]] == "act"
+    assert_reads_float(model, "few_out", ["act", "w_few_out"])
+    assert_reads_float(model, "few_in", ["logits", "w_few_in"])
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_gemm_with_trans_b_and_10_outputs_stays_float(target, tmp_path):
+    """transB = 1 stores the weight as [N, K]: hidden's [32, 32] is quantized, head's [10, 32] (N = 10, a
+    classifier's logits, as in the demo model) is not, whichever of the two dims is small."""
+    weights = rule_weights(b_hidden=(32, 32), c_hidden=(32,), b_head=(10, 32), c_head=(10,))
+    path = save_rule_model(
+        tmp_path / "gemms.onnx",
+        [
+            helper.make_node("Gemm", ["x", "b_hidden", "c_hidden"], ["h"], name="hidden", transB=1),
+            helper.make_node("Relu", ["h"], ["act"], name="relu"),
+            helper.make_node("Gemm", ["act", "b_head", "c_head"], ["logits"], name="head", transB=1),
+        ],
+        {"x": ["batch", 32]},
+        {"logits": ["batch", 10]},
+        weights,
+    )
+    model = export_for(path, target, tmp_path, (32,))
+    assert_quantized(model, "hidden", weights["b_hidden"])
+    assert_reads_float(model, "head", ["act", "b_head", "c_head"])
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_matmul_weights_held_in_constant_nodes_are_judged_by_their_value(target, tmp_path):
+    """Weights as PaddlePaddle and tf2onnx export them, in Constant nodes (folded into initializers of the same name):
+    big's [32, 16] is quantized, small's [16, 4] stays in float, its value as the Constant held it."""
+    weights = rule_weights(w_big=(32, 16), w_small=(16, 4))
+    path = save_rule_model(
+        tmp_path / "constants.onnx",
+        [
+            *(helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value)) for name, value in weights.items()),
+            helper.make_node("MatMul", ["x", "w_big"], ["h"], name="big"),
+            helper.make_node("Relu", ["h"], ["act"], name="relu"),
+            helper.make_node("MatMul", ["act", "w_small"], ["y"], name="small"),
+        ],
+        {"x": ["batch", 32]},
+        {"y": ["batch", 4]},
+        {},
+    )
+    model = export_for(path, target, tmp_path, (32,))
+    assert_quantized(model, "big", weights["w_big"])
+    assert_reads_float(model, "small", ["act", "w_small"])
+    np.testing.assert_array_equal(initializers(model)["w_small"], weights["w_small"])
+    assert "Constant" not in {node.op_type for node in model.graph.node}
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_matmul_of_two_activations_is_judged_by_the_inferred_shape(target, tmp_path):
+    """No weight initializer: p = x @ w [batch, tokens, 32], pt = p transposed [batch, 32, tokens]. gram = p @ pt
+    (N = tokens, a dynamic dim: not known to be small) is quantized on both inputs; narrow = pt @ p[..., :4] (shape
+    inference gives the Slice output [batch, tokens, 4]: N = 4) stays in float, reading pt and p4 as they are."""
+    weights = rule_weights(w=(32, 32))
+    weights.update(start=np.array([0], np.int64), end=np.array([4], np.int64), last=np.array([2], np.int64))
+    path = save_rule_model(
+        tmp_path / "dynamic.onnx",
+        [
+            helper.make_node("MatMul", ["x", "w"], ["p"], name="proj"),
+            helper.make_node("Transpose", ["p"], ["pt"], name="transpose", perm=[0, 2, 1]),
+            helper.make_node("MatMul", ["p", "pt"], ["gram"], name="gram"),
+            helper.make_node("Slice", ["p", "start", "end", "last"], ["p4"], name="slice"),
+            helper.make_node("MatMul", ["pt", "p4"], ["narrow"], name="narrow"),
+        ],
+        {"x": ["batch", "tokens", 32]},
+        {"gram": ["batch", "tokens", "tokens"], "narrow": ["batch", 32, 4]},
+        weights,
+    )
+    assert small_gemms(onnx.load(str(path))) == {"narrow"}
+    model = export_for(path, target, tmp_path, (16, 32))
+    assert_quantized(model, "proj", weights["w"])
+    assert_quantized(model, "gram", None)
+    assert_reads_float(model, "narrow", ["pt", "p4"])
