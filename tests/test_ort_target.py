@@ -412,3 +412,97 @@ def test_latency_times_each_model_alone_in_blocks_that_take_turns(monkeypatch, t
     assert len(turns) == 6 and all(len(set(map(id, turn))) == 1 for turn in turns)
     a, b, c = (turn[0] for turn in turns[:3])
     assert len({id(a), id(b), id(c)}) == 3 and [turn[0] for turn in turns[3:]] == [b, c, a]
+
+
+def save_squeeze_excitation(path: Path) -> Path:
+    """x [batch, 4, 10, 10] -> out [batch, 16]: a MobileNetV3 / PP-LCNet squeeze-and-excitation block as PaddlePaddle
+    exports it (GlobalAveragePool, Conv + bias, Relu, Conv, Add of a reshaped offset, HardSigmoid(0.2, 0.5) gating the
+    block's input by Mul), then HardSwish as PyTorch exported it before opset 14 (x * HardSigmoid(x; 1/6, 0.5)),
+    whose HardSigmoid reads a tensor that the Mul reads too, and a 16 x 16 Gemm head."""
+    rng = np.random.default_rng(4)
+
+    def weight(*shape: int) -> np.ndarray:
+        return (rng.normal(size=shape) * 0.5).astype(np.float32)
+
+    initializers = {
+        "w1": weight(8, 4, 3, 3), "b1": weight(8), "ws1": weight(4, 8, 1, 1), "bs1": weight(4),
+        "ws2": weight(8, 4, 1, 1), "offset": weight(8), "offset_shape": np.array([1, 8, 1, 1], np.int64),
+        "w3": weight(16, 8, 1, 1), "wg": weight(16, 16),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("GlobalAveragePool", ["r1"], ["squeezed"], name="squeeze"),
+        helper.make_node("Conv", ["squeezed", "ws1", "bs1"], ["s1"], name="se_conv1"),
+        helper.make_node("Relu", ["s1"], ["s1_relu"], name="se_relu"),
+        helper.make_node("Conv", ["s1_relu", "ws2"], ["s2"], name="se_conv2"),
+        helper.make_node("Reshape", ["offset", "offset_shape"], ["offset_4d"], name="offset_reshape"),
+        helper.make_node("Add", ["s2", "offset_4d"], ["s2_biased"], name="se_offset"),
+        helper.make_node("HardSigmoid", ["s2_biased"], ["gate"], name="se_gate", alpha=0.2, beta=0.5),
+        helper.make_node("Mul", ["r1", "gate"], ["excited"], name="excite"),
+        helper.make_node("Conv", ["excited", "w3"], ["c3"], name="conv3"),
+        helper.make_node("HardSigmoid", ["c3"], ["c3_gate"], name="hs_gate", alpha=1 / 6, beta=0.5),
+        helper.make_node("Mul", ["c3", "c3_gate"], ["hs"], name="hs_mul"),
+        helper.make_node("GlobalAveragePool", ["hs"], ["pooled"], name="pool"),
+        helper.make_node("Flatten", ["pooled"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "wg"], ["out"], name="gemm"),
+    ]
+    return save_graph(path, "squeeze_excitation", nodes, initializers, ["batch", 4, 10, 10], ["batch", 16])
+
+
+@pytest.fixture(scope="module")
+def squeeze_excitation(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("se")
+    model = save_squeeze_excitation(root / "se.onnx")
+    rng = np.random.default_rng(5)
+    calib, held_out = root / "calib", root / "eval"
+    for directory in (calib, held_out):
+        directory.mkdir()
+        for index in range(4):
+            np.save(directory / f"{index:02d}.npy", rng.normal(size=(4, 4, 10, 10)).astype(np.float32))
+    histograms = quantlab.collect(model, calib)
+    table = Thresholds(quantlab.calibrate(histograms, "max"), min_max=histograms.min_max())
+    return {"model": model, "eval": held_out, "table": table, "qdq": quantize_qdq(model, table, target="onnxruntime")}
+
+
+def test_squeeze_excitation_gate_folds_into_its_conv(squeeze_excitation):
+    """The gate's HardSigmoid (after Conv and Add of a constant offset) folds into the Conv's weight and bias and
+    leaves a Clip to [0, 1] that ONNX Runtime drops: its QLinearConv writes the gate on the gate's own uint8 range,
+    with no float HardSigmoid between DequantizeLinear and QuantizeLinear; the HardSigmoid whose input the HardSwish
+    Mul reads too stays as it is. The fold is exact in float, and the INT8 model stays close to FP32."""
+    from quantlab.formats.qdq_onnxruntime import _rewritten
+
+    fp32 = onnx.load(str(squeeze_excitation["model"]))
+    rewritten, ranged_as = _rewritten(fp32, set())
+    (clip,) = [node for node in rewritten.graph.node if node.name == "se_gate"]
+    assert clip.op_type == "Clip" and ranged_as == {clip.input[0]: "gate"}
+    assert [node.op_type for node in rewritten.graph.node if node.name == "hs_gate"] == ["HardSigmoid"]
+    x = np.load(next(squeeze_excitation["eval"].glob("*.npy")))
+    (expected,), (folded,) = (create_session(model).run(["out"], {"x": x}) for model in (fp32, rewritten))
+    np.testing.assert_allclose(folded, expected, rtol=1e-4, atol=1e-4)
+
+    qdq = squeeze_excitation["qdq"]
+    optimized = optimized_graph(qdq)
+    assert [node.name for node in optimized.graph.node if node.op_type == "HardSigmoid"] == ["hs_gate"]
+    assert "Clip" not in {node.op_type for node in optimized.graph.node}
+    (se_conv2,) = [node for node in optimized.graph.node if node.name == "se_conv2"]
+    assert se_conv2.op_type == "QLinearConv"
+    values = initializers(qdq) | initializers(optimized)
+    low, high = squeeze_excitation["table"].min_max["gate"]
+    assert 0 <= low and high <= 1
+    assert values[se_conv2.input[6]] == pytest.approx(high / 255, rel=1e-6) and values[se_conv2.input[7]] == 0
+    assert final_sqnr(fp32, qdq, squeeze_excitation["eval"]) > 30
+
+
+def test_squeeze_excitation_gate_kept_in_float_or_symmetric_stays_correct(squeeze_excitation, tmp_path):
+    """A gate kept in float stays a HardSigmoid; a gate given only a threshold (a symmetric range around 0, which
+    no longer clips at 0) keeps its Clip in the INT8 model: both stay close to FP32."""
+    fp32 = onnx.load(str(squeeze_excitation["model"]))
+    table = squeeze_excitation["table"]
+    kept = quantize_qdq(squeeze_excitation["model"], table, target="onnxruntime", keep_fp32=["se_gate"])
+    assert [node.op_type for node in kept.graph.node if node.name == "se_gate"] == ["HardSigmoid"]
+    with pytest.warns(UserWarning, match="no min/max"):
+        symmetric = quantize_qdq(squeeze_excitation["model"], Thresholds(table.amax), target="onnxruntime")
+    assert "Clip" in {node.op_type for node in optimized_graph(symmetric).graph.node}
+    for model in (kept, symmetric):
+        assert final_sqnr(fp32, model, squeeze_excitation["eval"]) > 25
