@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import math
 import shutil
 import subprocess
