@@ -75,8 +75,9 @@ def test_collect_ends_and_is_exact_on_dynamic_dims_however_stored(tmp_path, dims
 
 def save_recurrent_model(path) -> None:
     """A voice-activity-like model: an audio window `input` [1, 16] and a recurrent `state` [2, 1, 8] (h and c of an
-    LSTM) whose first dims differ and are fixed. input -> MatMul -> LSTM (state as initial h, c) -> GRU (initial h
-    from the state) -> MatMul -> Sigmoid: `output` [1, 1]; the new state `stateN` [2, 1, 8] = Concat(Y_h, Y_c)."""
+    LSTM) whose first dims differ and are fixed. input -> MatMul (16 x 16, quantized; the 8 -> 1 head stays in float
+    as a small GEMM) -> LSTM (state as initial h, c) -> GRU (initial h from the state) -> MatMul -> Sigmoid: `output`
+    [1, 1]; the new state `stateN` [2, 1, 8] = Concat(Y_h, Y_c)."""
     rng = np.random.default_rng(2)
     hidden = 8
 
@@ -84,8 +85,8 @@ def save_recurrent_model(path) -> None:
         return numpy_helper.from_array((rng.normal(size=shape) / np.sqrt(shape[-1])).astype(np.float32), name)
 
     nodes = [
-        helper.make_node("MatMul", ["input", "w_in"], ["features"]),  # [1, 8]
-        helper.make_node("Unsqueeze", ["features", "axis0"], ["sequence"]),  # [1 step, 1 batch, 8]
+        helper.make_node("MatMul", ["input", "w_in"], ["features"]),  # [1, 16]
+        helper.make_node("Unsqueeze", ["features", "axis0"], ["sequence"]),  # [1 step, 1 batch, 16]
         helper.make_node("Split", ["state"], ["h0", "c0"], axis=0),  # [1, 1, 8] each
         helper.make_node("LSTM", ["sequence", "lstm_w", "lstm_r", "lstm_b", "", "h0", "c0"], ["lstm_y", "h1", "c1"], hidden_size=hidden),
         helper.make_node("Squeeze", ["lstm_y", "axis1"], ["lstm_seq"]),  # [1, 1, 8]
@@ -96,8 +97,8 @@ def save_recurrent_model(path) -> None:
         helper.make_node("Concat", ["h1", "c1"], ["stateN"], axis=0),
     ]
     initializers = [
-        weight("w_in", 16, hidden),
-        weight("lstm_w", 1, 4 * hidden, hidden),
+        weight("w_in", 16, 16),
+        weight("lstm_w", 1, 4 * hidden, 16),
         weight("lstm_r", 1, 4 * hidden, hidden),
         weight("lstm_b", 1, 8 * hidden),
         weight("gru_w", 1, 3 * hidden, hidden),

@@ -538,3 +538,33 @@ def test_matmul_of_two_activations_is_judged_by_the_inferred_shape(target, tmp_p
     assert_quantized(model, "proj", weights["w"])
     assert_quantized(model, "gram", None)
     assert_reads_float(model, "narrow", ["pt", "p4"])
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_unnamed_nodes_get_names_so_the_rules_and_keep_fp32_reach_them(target, tmp_path):
+    """A model whose nodes have no names (as some exporters write them): the small MatMul (16 x 4) stays in float by
+    the small-GEMM rule, and keep_fp32 given the output of an unnamed 16 x 16 MatMul keeps that one in float; the
+    unnamed 32 x 16 MatMul is quantized. Names are `<op type>_<index>`."""
+    weights = rule_weights(w_big=(32, 16), w_side=(16, 16), w_small=(16, 4))
+    path = save_rule_model(
+        tmp_path / "unnamed.onnx",
+        [
+            helper.make_node("MatMul", ["x", "w_big"], ["h"]),
+            helper.make_node("Relu", ["h"], ["act"]),
+            helper.make_node("MatMul", ["act", "w_side"], ["z"]),
+            helper.make_node("MatMul", ["act", "w_small"], ["y"]),
+        ],
+        {"x": ["batch", 32]},
+        {"z": ["batch", 16], "y": ["batch", 4]},
+        weights,
+    )
+    model = export_for(path, target, tmp_path, (32,))
+    assert {"MatMul_0", "Relu_1", "MatMul_2", "MatMul_3"} <= set(nodes_named(model))
+    assert_quantized(model, "MatMul_0", weights["w_big"])
+    assert_quantized(model, "MatMul_2", weights["w_side"])
+    assert_reads_float(model, "MatMul_3", ["act", "w_small"])
+    names = ("x", "h", "act", "z", "y")
+    thresholds = quantlab.Thresholds(dict.fromkeys(names, 4.0), min_max=dict.fromkeys(names, (-4.0, 4.0)))
+    kept = quantize_qdq(path, thresholds, keep_fp32=["z"], target=target)
+    assert_reads_float(kept, "MatMul_2", ["act", "w_side"])
+    assert_quantized(kept, "MatMul_0", weights["w_big"])

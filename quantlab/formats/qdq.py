@@ -305,7 +305,8 @@ def prepared_model(fp32: onnx.ModelProto, path: Path) -> onnx.ModelProto:
 
     The opset is raised to what the Q/DQ nodes need (`_with_min_opset`: 19 where a weighted op reads float16, for
     float16 scales); weights computed from constants become initializers (`fold_constants`: the quantizer quantizes
-    initializers only); graph outputs that are graph inputs passed through are taken out (the quantizer would route a
+    initializers only); unnamed nodes get names (`<op type>_<index>`), so that every node can be kept in float (by
+    `keep_fp32`, by its output's name, or by the small-GEMM rule) and named in reports; graph outputs that are graph inputs passed through are taken out (the quantizer would route a
     quantized input's Q/DQ into a cycle through its own output; `quantize_qdq` puts every FP32 output back).
     """
     weighted_inputs = [name for node in fp32.graph.node if node.op_type in WEIGHTED_OPS for name in node.input if name]
@@ -313,6 +314,9 @@ def prepared_model(fp32: onnx.ModelProto, path: Path) -> onnx.ModelProto:
     reads_float16 = any(types.get(name) == onnx.TensorProto.FLOAT16 for name in weighted_inputs)
     model = _with_min_opset(fp32, path, FLOAT16_OPSET if reads_float16 else MIN_OPSET)
     model = fold_constants(model, weighted_inputs)
+    if not all(node.name for node in model.graph.node):
+        model = copy.deepcopy(model) if model is fp32 else model
+        _name_nodes(model.graph)
     fed = {spec.name for spec in input_specs(model)}
     computed = [output for output in model.graph.output if output.name not in fed]
     if len(computed) < len(model.graph.output):
@@ -387,17 +391,32 @@ def _nodes_named(model: onnx.ModelProto, names: Sequence[str]) -> set[str]:
     unknown = [name for name in names if name not in node_names and name not in by_output]
     if unknown:
         raise QuantlabError(f"keep_fp32: no node or node output named {_few(unknown)}")
-    unnamed = [name for name in names if name not in node_names and not by_output[name]]
-    if unnamed:
-        raise QuantlabError(f"keep_fp32: the nodes writing {_few(unnamed)} have no name, so they cannot be kept")
     return {name if name in node_names else by_output[name] for name in names}
+
+
+def _name_nodes(graph: onnx.GraphProto) -> None:
+    """Give every unnamed node a name of its own, `<op type>_<index>`."""
+    used = {node.name for node in graph.node}
+    for index, node in enumerate(graph.node):
+        if not node.name:
+            node.name = unique_name(f"{node.op_type}_{index}", used)
+
+
+def unique_name(base: str, used: set[str]) -> str:
+    """`base`, or `base_2`, `base_3`, ... where taken; the name is added to `used`."""
+    name, count = base, 1
+    while name in used:
+        count += 1
+        name = f"{base}_{count}"
+    used.add(name)
+    return name
 
 
 def small_gemms(model: onnx.ModelProto) -> set[str]:
     """Names of the MatMul and Gemm nodes whose weight (second input) has K or N below `MIN_GEMM_DIM`, as its
     initializer or the inferred shape gives them; such nodes stay in float (see `MIN_GEMM_DIM`)."""
     shapes = {init.name: list(init.dims) for init in model.graph.initializer}
-    gemms = [node for node in model.graph.node if node.op_type in ("MatMul", "Gemm") and node.name]
+    gemms = [node for node in model.graph.node if node.op_type in ("MatMul", "Gemm")]
     if any(node.input[1] not in shapes for node in gemms):
         for name, value in value_types(model).items():
             if name not in shapes and value.HasField("shape"):

@@ -48,7 +48,6 @@ would stop that); a HardSigmoid after such a Conv (the gate of a squeeze-and-exc
 beta into the Conv too and leaves a Clip to [0, 1], which ONNX Runtime drops: the QLinearConv writes the gate on its
 uint8 range, where DQ -> HardSigmoid -> Q ran in float (PP-OCR cls: 9 such float groups gone, held-out SQNR 26.4 ->
 28.2 dB); a Div by a constant becomes a Mul by its reciprocal (ONNX Runtime has an integer Mul, no integer Div).
-Unnamed nodes get names, so that they can be left in float.
 """
 
 from __future__ import annotations
@@ -63,7 +62,14 @@ import onnx
 from onnx import numpy_helper
 
 from quantlab.formats import Thresholds
-from quantlab.formats.qdq import DEQUANTIZED_SUFFIX, QUANTIZABLE_TYPES, ExportTarget, QuantizationPlan, unthresholded
+from quantlab.formats.qdq import (
+    DEQUANTIZED_SUFFIX,
+    QUANTIZABLE_TYPES,
+    ExportTarget,
+    QuantizationPlan,
+    unique_name,
+    unthresholded,
+)
 from quantlab.model import activation_tensors, fold_constants, tensor_types, value_types
 
 # The weighted ops ONNX Runtime's CPU provider runs as integer kernels (ConvTranspose it does not).
@@ -153,7 +159,6 @@ def _rewritten(model: onnx.ModelProto, kept: set[str]) -> tuple[onnx.ModelProto,
     """The model with the rewrites of the module docstring (nodes in `kept` are left as they are), and the tensors
     it adds, each mapped to the tensor whose range it takes."""
     model = copy.deepcopy(model)
-    _name_nodes(model.graph)
     types = tensor_types(model)
     floats = [name for node in model.graph.node for name in node.input if types.get(name) in QUANTIZABLE_TYPES]
     model = fold_constants(model, floats)
@@ -171,24 +176,6 @@ def _with_borrowed_ranges(thresholds: Thresholds, ranged_as: dict[str, str]) -> 
         if source in min_max:
             min_max[added] = min_max[source]
     return Thresholds(amax, thresholds.metadata, min_max)
-
-
-def _name_nodes(graph: onnx.GraphProto) -> None:
-    """Give every unnamed node a name of its own, `<op type>_<index>`."""
-    used = {node.name for node in graph.node}
-    for index, node in enumerate(graph.node):
-        if not node.name:
-            node.name = _unique(f"{node.op_type}_{index}", used)
-
-
-def _unique(base: str, used: set[str]) -> str:
-    """`base`, or `base_2`, `base_3`, ... where taken; the name is added to `used`."""
-    name, count = base, 1
-    while name in used:
-        count += 1
-        name = f"{base}_{count}"
-    used.add(name)
-    return name
 
 
 def _tensor_names(graph: onnx.GraphProto) -> set[str]:
@@ -276,9 +263,9 @@ def _fold_into_convs(graph: onnx.GraphProto, kept: set[str]) -> dict[str, str]:
         if gate is not None:
             alpha, beta = _hard_sigmoid_parameters(gate)
             scale, shift = scale * alpha, shift * alpha + beta
-            tensor = _unique(f"{gate.output[0]}_unclipped", used)
+            tensor = unique_name(f"{gate.output[0]}_unclipped", used)
             ranged_as[tensor] = gate.output[0]
-            bounds = [_unique(f"{gate.name}_{end}", used) for end in ("low", "high")]
+            bounds = [unique_name(f"{gate.name}_{end}", used) for end in ("low", "high")]
             ends = (np.array(end, weight.dtype) for end in (0, 1))
             graph.initializer.extend(map(numpy_helper.from_array, ends, bounds))
             gate.op_type = "Clip"
@@ -289,7 +276,7 @@ def _fold_into_convs(graph: onnx.GraphProto, kept: set[str]) -> dict[str, str]:
         bias = constants[conv.input[2]].astype(np.float64) if has_bias else np.zeros(channels)
         folded_weight = (weight * scale.reshape(-1, *[1] * (rank - 1))).astype(weight.dtype)
         folded_bias = (bias * scale + shift).astype(weight.dtype)
-        names = [_unique(f"{conv.name}_{part}_folded", used) for part in ("weight", "bias")]
+        names = [unique_name(f"{conv.name}_{part}_folded", used) for part in ("weight", "bias")]
         graph.initializer.extend(map(numpy_helper.from_array, (folded_weight, folded_bias), names))
         del conv.input[1:]
         conv.input.extend(names)
@@ -328,7 +315,7 @@ def _divisions_to_multiplications(graph: onnx.GraphProto, kept: set[str]) -> Non
         divisor = numpy_helper.to_array(constants[node.input[1]])
         if divisor.dtype.kind != "f" or not np.all(divisor):
             continue
-        name = _unique(f"{node.input[1]}_reciprocal", used)
+        name = unique_name(f"{node.input[1]}_reciprocal", used)
         graph.initializer.append(numpy_helper.from_array((1 / divisor).astype(divisor.dtype), name))
         node.op_type, node.input[1] = "Mul", name
 

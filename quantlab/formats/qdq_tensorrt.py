@@ -38,7 +38,6 @@ from typing import NamedTuple
 
 import onnx
 
-from quantlab.errors import QuantlabError
 from quantlab.formats import Thresholds
 from quantlab.formats.qdq import (
     WEIGHTED_OPS,
@@ -146,13 +145,6 @@ def _thresholded_placement(
         return placement, excluded
     weighted = [node for node in model.graph.node if node.op_type in WEIGHTED_OPS and node.name not in excluded]
     readers = [node for node in weighted if set(node.input[:2]) & set(missing)]
-    unnamed = next((node for node in readers if not node.name), None)
-    if unnamed is not None:
-        tensor = next(name for name in unnamed.input[:2] if name in missing)
-        raise QuantlabError(
-            f"{path}: {tensor} has no threshold and the {unnamed.op_type} reading it has no name, so that node cannot"
-            " be kept in float"
-        )
     excluded = excluded | {node.name for node in readers}
     placement = _placement(model, activations, excluded)
     ranged = [name for name in placement.ranged if name in amax]
