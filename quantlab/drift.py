@@ -301,7 +301,7 @@ def paired_report(
         for name in runner.mapping:
             pair = pairs.setdefault(name, _comparison(reference[name], observed[name]))
             if not isinstance(pair, str):
-                pair.add(reference[name], observed[name])
+                pair.add(reference[name], fp32_channels(observed[name], reference[name]))
         batch = feed_samples(feed, runner.inputs)
         if top1_output is not None:
             _count_top1(top1, reference[top1_output], observed[top1_output], expected, samples, batch)
@@ -330,6 +330,31 @@ def paired_report(
         final["top1_agreement"] = top1["agree"] / samples
     layers = [results[name] for name in runner.mapping if name not in runner.outputs]
     return DriftReport(layers, final, {"mode": "accumulated", "model": str(model), "samples": samples})
+
+
+def fp32_channels(observed: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """`observed` cut to the channels (axis 1) of the FP32 tensor `reference` where the export widened it: the
+    onnxruntime target appends zero channels to depthwise convolutions and the tensors around them
+    (`formats.qdq_onnxruntime`); the FP32 model's channels come first."""
+    if (
+        isinstance(observed, np.ndarray)
+        and isinstance(reference, np.ndarray)
+        and observed.ndim == reference.ndim > 1
+        and observed.shape[1] > reference.shape[1]
+        and observed.shape[:1] + observed.shape[2:] == reference.shape[:1] + reference.shape[2:]
+    ):
+        return observed[:, : reference.shape[1]]
+    return observed
+
+
+def with_channels(value: np.ndarray, channels: Any) -> np.ndarray:
+    """`value` with zero channels appended on axis 1 up to `channels` where the export's tensor is that wide (a
+    widened tensor fed from the FP32 model, `fp32_channels`'s converse); as it is otherwise."""
+    if not isinstance(channels, int) or value.ndim < 2 or value.shape[1] >= channels:
+        return value
+    widths = [(0, 0)] * value.ndim
+    widths[1] = (0, channels - value.shape[1])
+    return np.pad(value, widths)
 
 
 def _comparison(reference: Any, observed: Any) -> PairSums | _Matches | str:
@@ -392,12 +417,19 @@ class _Layer:
     observed: str  # the Q/DQ model's tensor that carries that output
 
 
-def _layers(qdq: onnx.ModelProto) -> list[_Layer]:
-    """The weighted ops (Conv, Gemm, MatMul, ConvTranspose) of a Q/DQ model, in graph order."""
+def _layers(qdq: onnx.ModelProto, fp32_tensors: set[str]) -> list[_Layer]:
+    """The weighted ops (Conv, Gemm, MatMul, ConvTranspose) of a Q/DQ model, in graph order. A layer whose output is
+    not a tensor of the FP32 model (`fp32_tensors`: the onnxruntime target's Conv that writes a folded gate before its
+    Clip) is observed at the first tensor of the FP32 model that its output alone leads to; one that leads to none is
+    left out."""
     from quantlab.formats.qdq import WEIGHTED_OPS
 
     graph = qdq.graph
     producer = {name: node for node in graph.node for name in node.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
     initializers = {init.name for init in graph.initializer}
     present = set(producer) | {value.name for value in graph.input}
     graph_outputs = {output.name for output in graph.output}
@@ -416,12 +448,18 @@ def _layers(qdq: onnx.ModelProto) -> list[_Layer]:
             if name and name not in initializers:
                 sources.append(name)
         output = node.output[0]
-        fp32 = output.removesuffix("_QuantizeLinear_Input")
-        if fp32 != output and fp32 in graph_outputs:
-            observed = fp32
-        else:
-            observed = fp32 + DEQUANTIZED_SUFFIX if fp32 + DEQUANTIZED_SUFFIX in present else fp32
-        layers.append(_Layer(node.name, node.op_type, tuple(sources), fp32, observed))
+        while True:
+            fp32 = output.removesuffix("_QuantizeLinear_Input")
+            if fp32 != output and fp32 in graph_outputs:
+                observed = fp32
+            else:
+                observed = fp32 + DEQUANTIZED_SUFFIX if fp32 + DEQUANTIZED_SUFFIX in present else fp32
+            following = readers.get(observed, [])
+            if fp32 in fp32_tensors or len(following) != 1 or following[0].op_type in WEIGHTED_OPS:
+                break
+            output = following[0].output[0]
+        if fp32 in fp32_tensors:
+            layers.append(_Layer(node.name, node.op_type, tuple(sources), fp32, observed))
     return layers
 
 
@@ -441,9 +479,10 @@ def measure_isolated(
     """
     fp32 = load_model(model)
     qdq = qdq_model if isinstance(qdq_model, onnx.ModelProto) else load_model(qdq_model)
-    layers = _layers(qdq)
+    layers = _layers(qdq, set(activation_tensors(fp32)))
     extractor = onnx.utils.Extractor(onnx.shape_inference.infer_shapes(qdq))
     pieces = [create_session(extractor.extract_model(list(layer.sources), [layer.observed])) for layer in layers]
+    piece_channels = [{value.name: value.shape[1] if len(value.shape) > 1 else None for value in piece.get_inputs()} for piece in pieces]
     needed = list(dict.fromkeys(name for layer in layers for name in (*layer.sources, layer.output)))
     reference_session = create_session(with_outputs(fp32, needed))
     fed = {spec.name for spec in input_specs(fp32)}
@@ -453,9 +492,10 @@ def measure_isolated(
     with open_data(data, input_specs(fp32), batch_size=batch_size, limit=limit, reread=latency) as opened:
         for feed in opened:
             values = {**feed, **dict(zip(computed, run_session(reference_session, computed, feed)))}
-            for layer, piece, pair in zip(layers, pieces, sums):
-                (observed,) = run_session(piece, [layer.observed], {name: values[name] for name in layer.sources})
-                pair.add(values[layer.output], observed)
+            for layer, piece, pair, widths in zip(layers, pieces, sums, piece_channels):
+                inputs = {name: with_channels(values[name], widths[name]) for name in layer.sources}
+                (observed,) = run_session(piece, [layer.observed], inputs)
+                pair.add(values[layer.output], fp32_channels(observed, values[layer.output]))
             samples += feed_samples(feed, opened.inputs)
             if progress:
                 progress("isolated", samples, opened.num_samples)

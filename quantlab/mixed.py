@@ -413,13 +413,13 @@ class MixedSearch:
         self.path, self.thresholds = Path(model), thresholds
         self.options = {"weight_method": weight_method, "target": target}
         self.fp32 = load_model(self.path)
-        base = quantize_qdq(self.path, thresholds, **self.options)
+        base = quantize_qdq(self.path, thresholds, keep_shapes=True, **self.options)  # switchable with all_kept's
         self.layers = quantized_layers(base)
         if not self.layers:
             raise QuantlabError(f"{self.path.name}: the Q/DQ model quantizes no Conv, ConvTranspose, MatMul or Gemm to keep in float")
         with warnings.catch_warnings():  # quantize_qdq has just warned of anything these exports would warn of
             warnings.simplefilter("ignore")
-            all_kept = quantize_qdq(self.path, thresholds, keep_fp32=self.layers, **self.options)
+            all_kept = quantize_qdq(self.path, thresholds, keep_fp32=self.layers, keep_shapes=True, **self.options)
         placement = tensorrt_quantized(self.path, thresholds) if target == "tensorrt" else None
         self.switch = SwitchModel(base, all_kept, placement)
         self.session = create_session(self.switch.model)

@@ -320,20 +320,25 @@ def save_mobile_block(path: Path) -> Path:
     return save_graph(path, "mobile_block", nodes, initializers, ["batch", 4, 12, 12], ["batch", 16])
 
 
-@pytest.fixture(scope="module")
-def mobile_block(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("mobile")
-    model = save_mobile_block(root / "block.onnx")
-    rng = np.random.default_rng(3)
-    calib, held_out = root / "calib", root / "eval"
+def calibrated(model: Path, sample_shape: tuple[int, ...], seed: int) -> dict:
+    """`model` with 4 calibration and 4 held-out files of random samples (4 per file) beside it, and the thresholds
+    (max, with min/max) that collect and calibrate give on the calibration ones."""
+    rng = np.random.default_rng(seed)
+    calib, held_out = model.parent / "calib", model.parent / "eval"
     for directory in (calib, held_out):
         directory.mkdir()
         for index in range(4):
-            np.save(directory / f"{index:02d}.npy", rng.normal(size=(4, 4, 12, 12)).astype(np.float32))
+            np.save(directory / f"{index:02d}.npy", rng.normal(size=(4, *sample_shape)).astype(np.float32))
     histograms = quantlab.collect(model, calib)
     table = Thresholds(quantlab.calibrate(histograms, "max"), min_max=histograms.min_max())
-    qdq = quantize_qdq(model, table, target="onnxruntime")
-    return {"model": model, "eval": held_out, "table": table, "qdq": qdq, "optimized": optimized_graph(qdq)}
+    return {"model": model, "eval": held_out, "table": table}
+
+
+@pytest.fixture(scope="module")
+def mobile_block(tmp_path_factory) -> dict:
+    case = calibrated(save_mobile_block(tmp_path_factory.mktemp("mobile") / "block.onnx"), (4, 12, 12), seed=3)
+    qdq = quantize_qdq(case["model"], case["table"], target="onnxruntime")
+    return {**case, "qdq": qdq, "optimized": optimized_graph(qdq)}
 
 
 def test_scalar_steps_fold_into_the_dequantize_scale(mobile_block):
@@ -452,17 +457,8 @@ def save_squeeze_excitation(path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def squeeze_excitation(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("se")
-    model = save_squeeze_excitation(root / "se.onnx")
-    rng = np.random.default_rng(5)
-    calib, held_out = root / "calib", root / "eval"
-    for directory in (calib, held_out):
-        directory.mkdir()
-        for index in range(4):
-            np.save(directory / f"{index:02d}.npy", rng.normal(size=(4, 4, 10, 10)).astype(np.float32))
-    histograms = quantlab.collect(model, calib)
-    table = Thresholds(quantlab.calibrate(histograms, "max"), min_max=histograms.min_max())
-    return {"model": model, "eval": held_out, "table": table, "qdq": quantize_qdq(model, table, target="onnxruntime")}
+    case = calibrated(save_squeeze_excitation(tmp_path_factory.mktemp("se") / "se.onnx"), (4, 10, 10), seed=5)
+    return {**case, "qdq": quantize_qdq(case["model"], case["table"], target="onnxruntime")}
 
 
 def test_squeeze_excitation_gate_folds_into_its_conv(squeeze_excitation):
@@ -506,3 +502,110 @@ def test_squeeze_excitation_gate_kept_in_float_or_symmetric_stays_correct(squeez
     assert "Clip" in {node.op_type for node in optimized_graph(symmetric).graph.node}
     for model in (kept, symmetric):
         assert final_sqnr(fp32, model, squeeze_excitation["eval"]) > 25
+
+
+def save_depthwise_regions(path: Path) -> Path:
+    """x [batch, 4, 10, 10] -> out [batch, 16]: MobileNetV3 blocks whose depthwise convs have 24 channels (not a
+    multiple of 16). `expand` (dense 4 -> 24) -> HardSwish written out -> `dw` (depthwise 3x3) -> Relu -> squeeze-and-
+    excitation (GlobalAveragePool, `se_reduce` 24 -> 8, Relu, `se_expand` 8 -> 24, HardSigmoid) -> Mul -> a per-channel
+    Div by a [24, 1, 1] constant -> `project` (dense 24 -> 16). Beside it, `side_dw` (depthwise, 24 channels) reads
+    the same HardSwish output, and its output joins a Concat: that region stays as it is, and so does `dw`'s, which it
+    shares."""
+    rng = np.random.default_rng(6)
+
+    def weight(*shape: int) -> np.ndarray:
+        return (rng.normal(size=shape) * 0.5).astype(np.float32)
+
+    initializers = {
+        "we": weight(24, 4, 1, 1), "be": weight(24), "three": np.float32(3.0), "zero": np.float32(0.0),
+        "six": np.float32(6.0), "wd": weight(24, 1, 3, 3), "bd": weight(24), "wr": weight(8, 24, 1, 1), "br": weight(8),
+        "wx": weight(24, 8, 1, 1), "bx": weight(24), "divisor": 1.5 + np.abs(weight(24, 1, 1)),
+        "wp": weight(16, 24, 1, 1), "wg": weight(16, 16),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "we", "be"], ["e"], name="expand"),
+        helper.make_node("Add", ["e", "three"], ["e3"], name="hs_add"),
+        helper.make_node("Clip", ["e3", "zero", "six"], ["e3c"], name="hs_clip"),
+        helper.make_node("Mul", ["e", "e3c"], ["em"], name="hs_mul"),
+        helper.make_node("Div", ["em", "six"], ["hs"], name="hs_div"),
+        helper.make_node("Conv", ["hs", "wd", "bd"], ["d"], name="dw", group=24, pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["d"], ["dr"], name="dw_relu"),
+        helper.make_node("GlobalAveragePool", ["dr"], ["squeezed"], name="squeeze"),
+        helper.make_node("Conv", ["squeezed", "wr", "br"], ["r"], name="se_reduce"),
+        helper.make_node("Relu", ["r"], ["rr"], name="se_relu"),
+        helper.make_node("Conv", ["rr", "wx", "bx"], ["g"], name="se_expand"),
+        helper.make_node("HardSigmoid", ["g"], ["gate"], name="se_gate"),
+        helper.make_node("Mul", ["dr", "gate"], ["excited"], name="excite"),
+        helper.make_node("Div", ["excited", "divisor"], ["scaled"], name="per_channel"),
+        helper.make_node("Conv", ["scaled", "wp"], ["p"], name="project"),
+        helper.make_node("GlobalAveragePool", ["p"], ["pooled"], name="pool"),
+        helper.make_node("Flatten", ["pooled"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "wg"], ["out"], name="gemm"),
+    ]
+    return save_graph(path, "depthwise_regions", nodes, initializers, ["batch", 4, 10, 10], ["batch", 16])
+
+
+@pytest.fixture(scope="module")
+def depthwise_regions(tmp_path_factory) -> dict:
+    return calibrated(save_depthwise_regions(tmp_path_factory.mktemp("dw") / "dw.onnx"), (4, 10, 10), seed=7)
+
+
+def depthwise_groups(model: onnx.ModelProto) -> dict[str, int]:
+    return {node.name: next(attr.i for attr in node.attribute if attr.name == "group")
+            for node in model.graph.node if any(attr.name == "group" and attr.i > 1 for attr in node.attribute)}
+
+
+def test_depthwise_region_widened_to_16_channels_computes_the_same(depthwise_regions):
+    """The depthwise conv runs on 32 channels (MLAS's fast symmetric kernel wants multiples of 16): its input's
+    writer gets 8 zero filters, the squeeze-and-excitation convs and the projection zero weights for them, the
+    per-channel divisor 8 ones; every weighted op is still an integer kernel; and the INT8 model computes what the
+    export with every shape kept computes. Drift, accumulated and per layer alone, compares the FP32 channels."""
+    model, table = depthwise_regions["model"], depthwise_regions["table"]
+    widened = quantize_qdq(model, table, target="onnxruntime")
+    same_shapes = quantize_qdq(model, table, target="onnxruntime", keep_shapes=True)
+    assert depthwise_groups(widened) == {"dw": 32} and depthwise_groups(same_shapes) == {"dw": 24}
+    optimized = optimized_graph(widened)
+    kernels = [node for node in optimized.graph.node if node.op_type in INTEGER_KERNELS]
+    assert {node.name for node in kernels} == {"expand", "dw", "se_reduce", "se_expand", "project", "gemm"}
+    weights = {node.name: initializers(optimized)[node.input[3]] for node in kernels if node.op_type == "QLinearConv"}
+    assert weights["expand"].shape == (32, 4, 1, 1) and not weights["expand"][24:].any()
+    assert weights["dw"].shape == (32, 1, 3, 3) and not weights["dw"][24:].any()
+    assert weights["se_reduce"].shape == (8, 32, 1, 1) and not weights["se_reduce"][:, 24:].any()
+    assert weights["project"].shape == (16, 32, 1, 1) and not weights["project"][:, 24:].any()
+    x = np.concatenate([np.load(path) for path in sorted(depthwise_regions["eval"].glob("*.npy"))])
+    (got,), (expected,) = (create_session(each).run(["out"], {"x": x}) for each in (widened, same_shapes))
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    fp32 = onnx.load(str(model))
+    assert final_sqnr(fp32, widened, depthwise_regions["eval"]) > 25
+    reports = [quantlab.measure_drift(model, each, depthwise_regions["eval"]) for each in (widened, same_shapes)]
+    (widened_layers, same_layers) = ({layer.name: layer.sqnr_db for layer in report.worst_first()} for report in reports)
+    assert widened_layers.keys() == same_layers.keys() and "d" in widened_layers
+    assert list(widened_layers.values()) == pytest.approx(list(same_layers.values()), abs=0.01)
+    isolated = quantlab.measure_isolated(model, widened, depthwise_regions["eval"], latency=False)
+    layers = {layer.name: layer.sqnr_db for layer in isolated.worst_first()}
+    assert {"e", "d", "r", "gate", "p"} <= set(layers) and all(np.isfinite(list(layers.values())))
+
+
+def test_depthwise_region_that_reaches_a_concat_or_a_kept_node_stays(depthwise_regions, tmp_path):
+    """A depthwise conv whose region reaches a Concat (channels would shift) is not widened, nor is the other one of
+    that region; one kept in float is not either. Mixed precision's search (which switches between this export's
+    tensors and the all-float export's) runs on the model."""
+    model = onnx.load(str(depthwise_regions["model"]))
+    side = [
+        helper.make_node("Conv", ["hs", "wd"], ["side"], name="side_dw", group=24, pads=[1, 1, 1, 1]),
+        helper.make_node("Concat", ["side", "dr"], ["joined"], name="join", axis=1),
+        helper.make_node("GlobalAveragePool", ["joined"], ["side_pooled"], name="side_pool"),
+    ]
+    model.graph.node.extend(side)
+    model.graph.output.append(helper.make_tensor_value_info("side_pooled", TensorProto.FLOAT, ["batch", 48, 1, 1]))
+    onnx.checker.check_model(model, full_check=True)
+    joined = tmp_path / "joined.onnx"
+    onnx.save(model, str(joined))
+    histograms = quantlab.collect(joined, depthwise_regions["eval"])
+    table = Thresholds(quantlab.calibrate(histograms, "max"), min_max=histograms.min_max())
+    assert depthwise_groups(quantize_qdq(joined, table, target="onnxruntime")) == {"dw": 24, "side_dw": 24}
+    table = depthwise_regions["table"]
+    kept = quantize_qdq(depthwise_regions["model"], table, target="onnxruntime", keep_fp32=["dw"])
+    assert depthwise_groups(kept) == {"dw": 24}
+    ranking = quantlab.rank_sensitivity(depthwise_regions["model"], table, depthwise_regions["eval"], target="onnxruntime")
+    assert {layer.layer for layer in ranking} == {"expand", "dw", "se_reduce", "se_expand", "project", "gemm"}

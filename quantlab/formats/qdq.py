@@ -104,10 +104,11 @@ class ExportTarget(ABC):
 
     @abstractmethod
     def plan(
-        self, model: onnx.ModelProto, kept: set[str], thresholds: Thresholds, path: Path
+        self, model: onnx.ModelProto, kept: set[str], thresholds: Thresholds, path: Path, keep_shapes: bool = False
     ) -> tuple[onnx.ModelProto, QuantizationPlan]:
         """The model to quantize (`model`, or a rewrite of it that keeps the names of the tensors it still computes)
-        and the plan; `kept` names the nodes `keep_fp32` leaves in float."""
+        and the plan; `kept` names the nodes `keep_fp32` leaves in float; `keep_shapes`: every tensor it still
+        computes keeps its shape too (no rewrite widens one)."""
 
     @abstractmethod
     def tensor_range(self, name: str, thresholds: Thresholds) -> tuple[float, float]:
@@ -243,9 +244,12 @@ def quantize_qdq(
     weight_method: str = "max",
     keep_fp32: Sequence[str] = (),
     target: str = DEFAULT_TARGET,
+    keep_shapes: bool = False,
 ) -> onnx.ModelProto:
     """The Q/DQ model in memory: `target`'s placement (`TARGETS`), ranges from `thresholds` (tensor name -> amax, or
-    a `Thresholds` whose `min_max` the onnxruntime target turns into asymmetric ranges)."""
+    a `Thresholds` whose `min_max` the onnxruntime target turns into asymmetric ranges). `keep_shapes`: every tensor
+    keeps the FP32 model's shape (the onnxruntime target then widens no depthwise convolution: the same values, a
+    little slower), as models that mix the export's tensors with the FP32 model's need."""
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
     from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
@@ -258,7 +262,7 @@ def quantize_qdq(
     fp32 = load_model(path)
     outputs = copy.deepcopy(list(fp32.graph.output))
     model = prepared_model(fp32, path)
-    model, plan = chosen.plan(model, _nodes_named(model, keep_fp32) | small_gemms(model), table, path)
+    model, plan = chosen.plan(model, _nodes_named(model, keep_fp32) | small_gemms(model), table, path, keep_shapes)
 
     ranges = {}
     for name in plan.ranged:  # float16 tensors get float16 scales, as their Q/DQ nodes need

@@ -72,7 +72,7 @@ class TensorRTTarget(ExportTarget):
     name = "tensorrt"
 
     def plan(
-        self, model: onnx.ModelProto, kept: set[str], thresholds: Thresholds, path: Path
+        self, model: onnx.ModelProto, kept: set[str], thresholds: Thresholds, path: Path, keep_shapes: bool = False
     ) -> tuple[onnx.ModelProto, QuantizationPlan]:
         types = tensor_types(model)
         activations = activation_tensors(model, types)
