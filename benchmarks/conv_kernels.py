@@ -11,6 +11,8 @@ Per model of the benchmark set (default: the CNNs), input shape of one eval samp
 - per Conv, a model of COPIES independent copies of it (its real weight, bias and attributes, distinct weight copies)
   reading one input, each copy a graph output; FP32 = that model, INT8 = ONNX Runtime's `quantize_static` of it
   (QDQ, per-channel int8 weights, uint8 activations, calibrated on one random input: timings do not depend on values);
+  a depthwise conv whose channel count is not a multiple of 16 is timed a second time in INT8 widened to the next
+  multiple (zero filters), as quantlab's onnxruntime target exports it (MLAS's fast symmetric depthwise kernel);
 - each optimized by ONNX Runtime (all levels, as a session loads it: FP32 convs become NCHWc convs, INT8 ones
   QLinearConv in NHWC, checked), then cut down to the conv kernels alone: the layout and Q/DQ ops at the graph's
   edges (ReorderInput/Output, Transpose, QuantizeLinear, DequantizeLinear) are dropped and the kernels read the
@@ -43,6 +45,7 @@ from rich.console import Console
 from rich.table import Table
 
 from quantlab.engine import INTEGER_KERNELS, onnxruntime_engine
+from quantlab.formats.qdq_onnxruntime import DEPTHWISE_CHANNEL_MULTIPLE
 from quantlab.model import ORT_LOG_SEVERITY, fold_constants, load_model
 
 CNNS = ("ppocrv4_det", "ppocr_mobile_v2_cls", "nudenet_yolov8n_320")
@@ -209,13 +212,31 @@ def measure(name: str) -> tuple[dict[str, float], list[ConvLayer]]:
     for layer in layers:
         with tempfile.TemporaryDirectory() as tmp:
             fp32 = copies_model(layer)
-            int8 = quantized(fp32, Path(tmp))
-            kernels = {"fp32": kernels_only(fp32, False, Path(tmp)), "int8": kernels_only(int8, True, Path(tmp))}
+            kernels = {"fp32": kernels_only(fp32, False, Path(tmp)), "int8": kernels_only(quantized(fp32, Path(tmp)), True, Path(tmp))}
+            wider = widened(layer)
+            if wider is not None:
+                kernels["int8 widened"] = kernels_only(quantized(copies_model(wider), Path(tmp)), True, Path(tmp))
         for label, threads in THREADS.items():
             runs = {variant: runner(graph, [feed], threads, optimize=False) for variant, (graph, feed) in kernels.items()}
             for variant, seconds in best_seconds(runs).items():
                 layer.us[variant, label] = seconds * 1e6 / COPIES
+            layer.us.setdefault(("int8 widened", label), layer.us["int8", label])
     return model_ms, layers
+
+
+def widened(layer: ConvLayer) -> ConvLayer | None:
+    """A depthwise conv whose channel count is not a multiple of DEPTHWISE_CHANNEL_MULTIPLE as quantlab's onnxruntime
+    target exports it, widened to the next multiple with zero filters (and biases); None for any other conv."""
+    channels = layer.weight.shape[0]
+    if layer.kind != "depthwise" or channels % DEPTHWISE_CHANNEL_MULTIPLE == 0:
+        return None
+    extra = -channels % DEPTHWISE_CHANNEL_MULTIPLE
+    node = onnx.NodeProto()
+    node.CopyFrom(layer.node)
+    next(attr for attr in node.attribute if attr.name == "group").i = channels + extra
+    weight = np.concatenate([layer.weight, np.zeros((extra, *layer.weight.shape[1:]), layer.weight.dtype)])
+    bias = None if layer.bias is None else np.concatenate([layer.bias, np.zeros(extra, layer.bias.dtype)])
+    return ConvLayer(node, weight, bias, [layer.shape[0], channels + extra, *layer.shape[2:]])
 
 
 def overhead_us() -> float:
@@ -239,8 +260,8 @@ def main() -> None:
 
     summary = Table(title=f"Conv kernels on {onnxruntime_engine()}: FP32 vs INT8 (QLinearConv), {COPIES} copies per conv")
     worst = Table(title=f"Convs that INT8 slows most (default threads, top {args.worst} per model by INT8 - FP32 us)")
-    for column in ("model", "threads", "FP32 model ms", "FP32 convs ms", "depthwise FP32 -> INT8 us",
-                   "dense FP32 -> INT8 us", "INT8 conv floor ms", f"FP32 model / {TARGET} ms"):
+    for column in ("model", "threads", "FP32 model ms", "FP32 convs ms", "depthwise FP32 -> INT8 (widened) us",
+                   "dense FP32 -> INT8 us", "INT8 conv floor (widened) ms", f"FP32 model / {TARGET} ms"):
         summary.add_column(column, justify="left" if column in ("model", "threads") else "right")
     for column in ("model", "conv", "kind", "kernel", "channels", "input HxW", "FP32 us", "INT8 us", "INT8/FP32",
                    "1 thread FP32 / INT8 us"):
@@ -254,10 +275,14 @@ def main() -> None:
 
             def kind_cell(kind: str) -> str:
                 count, fp32, int8 = sum(layer.kind == kind for layer in layers), total("fp32", kind), total("int8", kind)
-                return f"{count}: {fp32:.0f} -> {int8:.0f} ({int8 / fp32:.2f}x)" if count else "-"
+                if not count:
+                    return "-"
+                wide = total("int8 widened", kind)
+                return f"{count}: {fp32:.0f} -> {int8:.0f} ({int8 / fp32:.2f}x)" + (f" ({wide:.0f})" if wide != int8 else "")
 
+            floor = f"{total('int8') / 1e3:.2f} ({total('int8 widened') / 1e3:.2f})"
             summary.add_row(name, label, f"{model_ms[label]:.2f}", f"{total('fp32') / 1e3:.2f}", kind_cell("depthwise"),
-                            kind_cell("dense"), f"{total('int8') / 1e3:.2f}", f"{model_ms[label] / TARGET:.2f}")
+                            kind_cell("dense"), floor, f"{model_ms[label] / TARGET:.2f}")
         slowest = sorted(layers, key=lambda layer: layer.us["fp32", "default"] - layer.us["int8", "default"])
         for layer in slowest[: args.worst]:
             fp32, int8 = layer.us["fp32", "default"], layer.us["int8", "default"]
@@ -267,8 +292,10 @@ def main() -> None:
     summary.caption = (
         f"Per conv: its kernel alone (ORT's optimized graph without its edge layout and Q/DQ ops), us per run of "
         f"{COPIES} copies / {COPIES}, fastest block; session.run overhead ({overhead_us():.1f} us for an Identity "
-        f"model) not subtracted. Per kind: 'n: FP32 -> INT8 us (INT8/FP32)'. INT8 conv floor: sum of all INT8 convs, "
-        f"the least an INT8 model running them all as QLinearConv takes; FP32 model: ms per sample over "
+        f"model) not subtracted. Per kind: 'n: FP32 -> INT8 us (INT8/FP32)', and in brackets with the depthwise convs "
+        f"widened to a multiple of {DEPTHWISE_CHANNEL_MULTIPLE} channels as quantlab's onnxruntime target exports "
+        f"them. INT8 conv floor: sum of all INT8 convs, the least an INT8 model running them all as QLinearConv "
+        f"takes; FP32 model: ms per sample over "
         f"{MODEL_SAMPLES} eval samples, fastest pass."
     )
     console = Console()
