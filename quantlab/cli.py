@@ -372,6 +372,7 @@ def export(
     keep_fp32: Optional[list[str]] = typer.Option(None, "--keep-fp32", help="Node (or output tensor) names to leave in FP32."),
     data: Optional[str] = typer.Option(None, "--data", "-d", metavar="PATH", help=f"Inputs whose first sample ONNX Runtime runs the model on before it is written (default: the directory the thresholds' histograms were collected from, else a sample synthesized from the input shapes). {DATA_HELP}"),
     target: str = typer.Option("tensorrt", "--target", help=TARGET_HELP),
+    keep_shapes: bool = typer.Option(False, "--keep-shapes", help="Every tensor keeps the FP32 model's shape: the onnxruntime target then widens no depthwise convolution to a multiple of 16 channels (the same values, slower)."),
 ) -> None:
     """Explicit quantization: write the Q/DQ model for TensorRT 10-11 (symmetric int8) or ONNX Runtime's integer kernels (uint8, asymmetric)."""
     from quantlab.atomic import check_writable
@@ -383,7 +384,14 @@ def export(
     table = read_thresholds(thresholds)
     sample = check_sample(model, table, data)
     written = export_qdq(
-        model, table, out, weight_method=weights, keep_fp32=_split_patterns(keep_fp32) or (), data=sample, target=target
+        model,
+        table,
+        out,
+        weight_method=weights,
+        keep_fp32=_split_patterns(keep_fp32) or (),
+        data=sample,
+        target=target,
+        keep_shapes=keep_shapes,
     )
     _console().print(f"wrote {written} (ONNX Runtime ran it on {sample.source})", soft_wrap=True)
 

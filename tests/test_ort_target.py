@@ -588,7 +588,7 @@ def test_depthwise_region_widened_to_16_channels_computes_the_same(depthwise_reg
 
 def test_depthwise_region_that_reaches_a_concat_or_a_kept_node_stays(depthwise_regions, tmp_path):
     """A depthwise conv whose region reaches a Concat (channels would shift) is not widened, nor is the other one of
-    that region; one kept in float is not either. Mixed precision's search (which switches between this export's
+    that region; one kept in float is not either, nor any with `export --keep-shapes`. Mixed precision's search (which switches between this export's
     tensors and the all-float export's) runs on the model."""
     model = onnx.load(str(depthwise_regions["model"]))
     side = [
@@ -605,6 +605,12 @@ def test_depthwise_region_that_reaches_a_concat_or_a_kept_node_stays(depthwise_r
     table = Thresholds(quantlab.calibrate(histograms, "max"), min_max=histograms.min_max())
     assert depthwise_groups(quantize_qdq(joined, table, target="onnxruntime")) == {"dw": 24, "side_dw": 24}
     table = depthwise_regions["table"]
+    thresholds, same_shapes = tmp_path / "t.json", tmp_path / "same.onnx"
+    write_thresholds(thresholds, table)
+    result = run("export", str(depthwise_regions["model"]), "--thresholds", str(thresholds), "--target", "onnxruntime",
+                 "--keep-shapes", "-o", str(same_shapes), "-d", str(depthwise_regions["eval"]))
+    assert result.returncode == 0, result.stderr
+    assert depthwise_groups(onnx.load(str(same_shapes))) == {"dw": 24}
     kept = quantize_qdq(depthwise_regions["model"], table, target="onnxruntime", keep_fp32=["dw"])
     assert depthwise_groups(kept) == {"dw": 24}
     ranking = quantlab.rank_sensitivity(depthwise_regions["model"], table, depthwise_regions["eval"], target="onnxruntime")

@@ -141,15 +141,19 @@ def export_qdq(
     keep_fp32: Sequence[str] = (),
     data: DataSource | Sample | None = None,
     target: str = DEFAULT_TARGET,
+    keep_shapes: bool = False,
 ) -> Path:
-    """Write the Q/DQ model of `model_path` for `target` (see `quantize_qdq`) to `out_path`; returns `out_path`.
+    """Write the Q/DQ model of `model_path` for `target` (see `quantize_qdq`, also for `keep_shapes`) to `out_path`;
+    returns `out_path`.
 
     Only a model ONNX Runtime loads and runs on one sample is written (`data`: what `quantlab.data.open_data` takes,
     or a `Sample`; see `check_sample`); otherwise a one-line `QuantlabRuntimeError` names the node that failed, and nothing is written.
     The write is atomic, so a previous file at `out_path` stays as it was until the new model has passed.
     """
     out = check_writable(out_path)
-    model = quantize_qdq(model_path, thresholds, weight_method=weight_method, keep_fp32=keep_fp32, target=target)
+    model = quantize_qdq(
+        model_path, thresholds, weight_method=weight_method, keep_fp32=keep_fp32, target=target, keep_shapes=keep_shapes
+    )
     sample = data if isinstance(data, Sample) else check_sample(model_path, thresholds, data)
     _check_runs(model, model_path, sample, out)
     with atomic_write(out) as handle:
