@@ -16,7 +16,10 @@ eval samples, in one process:
   Runtime's optimized graph runs as integer kernels (QLinearConv, QLinearMatMul, MatMulIntegerToFloat, QGemm, ...);
 - final-output SQNR on the eval samples (the first float graph output, summed over samples) of quantlab's model for
   every method, of ONNX Runtime's asymmetric and symmetric models; and the task metric of realmodels.task_metric for
-  quantlab (--method) and ONNX Runtime (asymmetric).
+  quantlab (--method) and ONNX Runtime (asymmetric);
+- issue 18's criteria for the timed quantlab model: >= 1.5x FP32's speed, at least as fast as ONNX Runtime's model,
+  >= 90% of Conv/MatMul/Gemm as integer kernels, final SQNR >= ONNX Runtime's asymmetric model's ("met", or what
+  is missed).
 
 Prints one table. Usage: python benchmarks/int8_speed.py [--models a,b] [--method mse] [--rounds 3]
 """
@@ -45,6 +48,7 @@ from quantlab.formats.qdq import quantize_qdq
 from quantlab.model import input_specs, load_model
 
 METHODS = ("kl", "max", "percentile", "mse")
+SPEEDUP, KERNEL_SHARE = 1.5, 0.9  # issue 18: the onnxruntime target's model vs FP32, and its integer-kernel share
 
 
 def samples(model: onnx.ModelProto, directory: Path) -> list[dict[str, np.ndarray]]:
@@ -129,6 +133,20 @@ def measure(name: str, method: str, rounds: int) -> dict:
     return row
 
 
+def criteria(row: dict, method: str) -> str:
+    """Issue 18's criteria for the timed quantlab model of one row: "met", or what is missed."""
+    ms, kernels, sqnr = row["ms"], row["kernels"]["quantlab"], row["sqnr"]
+    speedup, share = ms["fp32"] / ms["quantlab"], kernels["integer"] / kernels["weighted"]
+    missed = [
+        f"{speedup:.2f}x FP32 < {SPEEDUP}x" if speedup < SPEEDUP else "",
+        f"slower than ORT ({ms['quantlab']:.2f} > {ms['onnxruntime']:.2f} ms)" if ms["quantlab"] > ms["onnxruntime"] else "",
+        f"{share:.0%} integer < {KERNEL_SHARE:.0%}" if share < KERNEL_SHARE else "",
+        "SQNR < ORT's" if sqnr[f"quantlab {method}"] < sqnr["onnxruntime asymmetric"] else "",
+    ]
+    missed = [each for each in missed if each]
+    return "missed: " + "; ".join(missed) if missed else "met"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     realmodels.add_models_option(parser)
@@ -141,7 +159,7 @@ def main() -> None:
     table = Table(title=f"INT8 on {onnxruntime_engine()}: quantlab --target onnxruntime vs ONNX Runtime quantize_static")
     columns = (
         "model", "FP32 ms", f"quantlab ({args.method}) ms", "ORT ms", "integer kernels quantlab / ORT",
-        "SQNR dB quantlab kl / max / pct / mse", "SQNR dB ORT asym / sym", "task metric quantlab / ORT",
+        "SQNR dB quantlab kl / max / pct / mse", "SQNR dB ORT asym / sym", "task metric quantlab / ORT", "issue 18",
     )
     for column in columns:
         table.add_column(column, justify="left" if column == "model" else "right", overflow="fold")
@@ -164,13 +182,16 @@ def main() -> None:
             " / ".join(f"{sqnr[f'quantlab {each}']:.2f}" for each in METHODS),
             f"{sqnr['onnxruntime asymmetric']:.2f} / {sqnr['onnxruntime symmetric']:.2f}",
             f"{metric}: {ours:.3f} / {row['task']['onnxruntime'][1]:.3f}",
+            criteria(row, args.method),
         )
         print(f"{name} done", flush=True)
     table.caption = (
         "ms per sample: median of the rounds, \\[min-max] of the rounds, FP32 speed-up in brackets; each model timed "
         "alone in blocks of passes, the blocks taking turns. "
         "ORT: quantize_static, uint8 activations, int8 per-channel weights, MinMax on the calib samples (asym for "
-        "timing and kernels). SQNR: first float output over the held-out eval samples."
+        "timing and kernels). SQNR: first float output over the held-out eval samples. Issue 18 (for the CNNs): "
+        f">= {SPEEDUP}x FP32's speed, at least ORT's, >= {KERNEL_SHARE:.0%} of Conv/MatMul/Gemm as integer kernels, "
+        "SQNR >= ORT asym's, for the timed quantlab model."
     )
     console = Console()
     if not console.is_terminal:
