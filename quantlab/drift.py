@@ -482,7 +482,9 @@ def measure_isolated(
     layers = _layers(qdq, set(activation_tensors(fp32)))
     extractor = onnx.utils.Extractor(onnx.shape_inference.infer_shapes(qdq))
     pieces = [create_session(extractor.extract_model(list(layer.sources), [layer.observed])) for layer in layers]
-    piece_channels = [{value.name: value.shape[1] if len(value.shape) > 1 else None for value in piece.get_inputs()} for piece in pieces]
+    piece_channels = [  # each piece's input channels: a widened layer reads more than the FP32 tensor has
+        {value.name: value.shape[1] if len(value.shape) > 1 else None for value in piece.get_inputs()} for piece in pieces
+    ]
     needed = list(dict.fromkeys(name for layer in layers for name in (*layer.sources, layer.output)))
     reference_session = create_session(with_outputs(fp32, needed))
     fed = {spec.name for spec in input_specs(fp32)}

@@ -615,3 +615,13 @@ def test_depthwise_region_that_reaches_a_concat_or_a_kept_node_stays(depthwise_r
     assert depthwise_groups(kept) == {"dw": 24}
     ranking = quantlab.rank_sensitivity(depthwise_regions["model"], table, depthwise_regions["eval"], target="onnxruntime")
     assert {layer.layer for layer in ranking} == {"expand", "dw", "se_reduce", "se_expand", "project", "gemm"}
+
+
+def test_depthwise_region_whose_tensor_divides_stays(depthwise_regions, tmp_path):
+    """A region tensor used as a divisor would divide by the new channels' zeros: that region is not widened."""
+    model = onnx.load(str(depthwise_regions["model"]))
+    (per_channel,) = [node for node in model.graph.node if node.name == "per_channel"]
+    per_channel.input[:] = ["divisor", "excited"]  # divisor / excited, read by project as before
+    divided = tmp_path / "divided.onnx"
+    onnx.save(model, str(divided))
+    assert depthwise_groups(quantize_qdq(divided, depthwise_regions["table"], target="onnxruntime")) == {"dw": 24}

@@ -367,7 +367,8 @@ def _widen_depthwise_channels(graph: onnx.GraphProto, kept: set[str]) -> None:
             shape = list(value.shape)
             shape[axis] = extra
             name = unique_name(f"{node.input[index]}_widened", used)
-            constants[name] = numpy_helper.from_array(np.concatenate([value, np.full(shape, fill, value.dtype)], axis), name)
+            widened_value = np.concatenate([value, np.full(shape, fill, value.dtype)], axis)
+            constants[name] = numpy_helper.from_array(widened_value, name)
             graph.initializer.append(constants[name])
             node.input[index] = name
 
@@ -424,10 +425,13 @@ def _channel_region(
                     return None
                 (region.sources if writes else region.sinks)[node.name] = node
             elif node.op_type in _CHANNELWISE_OPS and len(node.output) == 1:
+                if node.op_type == "Div" and node.input[1] not in constants:
+                    return None  # a new channel's 0 would divide
                 region.channelwise[node.name] = node
                 for name in node.input:
                     if name in constants:
-                        if numpy_helper.to_array(constants[name]).size > 1 and _channel_axis(constants[name], channels, rank) is None:
+                        scalar = numpy_helper.to_array(constants[name]).size == 1
+                        if not scalar and _channel_axis(constants[name], channels, rank) is None:
                             return None
                     elif name:
                         pending.append(name)
@@ -460,9 +464,9 @@ def _channel_axis(constant: onnx.TensorProto | None, channels: int, rank: int) -
         return None
     dims = list(constant.dims)
     axis = 1 - (rank - len(dims))  # axis 1 of the tensor, on the constant's dims aligned from the right
-    if not 0 <= axis < len(dims) or dims[axis] != channels or any(size != 1 for i, size in enumerate(dims) if i != axis):
+    if not 0 <= axis < len(dims) or dims[axis] != channels:
         return None
-    return axis
+    return axis if all(size == 1 for i, size in enumerate(dims) if i != axis) else None
 
 
 def _divisions_to_multiplications(graph: onnx.GraphProto, kept: set[str]) -> None:
