@@ -38,6 +38,7 @@ from quantlab.model import (
     load_model,
     producers,
     run_session,
+    tensor_readers,
     tensor_types,
     with_outputs,
 )
@@ -337,9 +338,7 @@ def fp32_channels(observed: np.ndarray, reference: np.ndarray) -> np.ndarray:
     onnxruntime target appends zero channels to depthwise convolutions and the tensors around them
     (`formats.qdq_onnxruntime`); the FP32 model's channels come first."""
     if (
-        isinstance(observed, np.ndarray)
-        and isinstance(reference, np.ndarray)
-        and observed.ndim == reference.ndim > 1
+        observed.ndim == reference.ndim > 1
         and observed.shape[1] > reference.shape[1]
         and observed.shape[:1] + observed.shape[2:] == reference.shape[:1] + reference.shape[2:]
     ):
@@ -426,10 +425,7 @@ def _layers(qdq: onnx.ModelProto, fp32_tensors: set[str]) -> list[_Layer]:
 
     graph = qdq.graph
     producer = {name: node for node in graph.node for name in node.output}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    readers = tensor_readers(graph)
     initializers = {init.name for init in graph.initializer}
     present = set(producer) | {value.name for value in graph.input}
     graph_outputs = {output.name for output in graph.output}

@@ -301,6 +301,15 @@ def producers(model: onnx.ModelProto) -> dict[str, str]:
     return ops
 
 
+def tensor_readers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """Tensor name -> the nodes that read it, in graph order, each node once."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in dict.fromkeys(node.input):
+            readers.setdefault(name, []).append(node)
+    return readers
+
+
 def with_outputs(model: onnx.ModelProto, names: list[str], types: dict[str, int] | None = None) -> onnx.ModelProto:
     """A copy of the model whose graph outputs also include `names` (graph inputs are skipped: they are fed)."""
     exposed = onnx.ModelProto()

@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,7 +83,7 @@ from quantlab.formats.qdq import (
     unique_name,
     unthresholded,
 )
-from quantlab.model import activation_tensors, fold_constants, tensor_types, value_types
+from quantlab.model import activation_tensors, fold_constants, tensor_readers, tensor_types, value_types
 
 # The weighted ops ONNX Runtime's CPU provider runs as integer kernels (ConvTranspose it does not).
 INTEGER_KERNEL_OPS = ("Conv", "MatMul", "Gemm")
@@ -205,14 +206,6 @@ def _tensor_names(graph: onnx.GraphProto) -> set[str]:
     return names | {name for node in graph.node for name in node.output}
 
 
-def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in dict.fromkeys(node.input):
-            readers.setdefault(name, []).append(node)
-    return readers
-
-
 def _channel_vector(value: np.ndarray, channels: int, rank: int) -> np.ndarray | None:
     """`value` as one number per output channel of a Conv output of that rank, where it broadcasts so (a scalar, or
     [C, 1, ...] / [1, C, 1, ...]); else None."""
@@ -262,7 +255,7 @@ def _fold_into_convs(graph: onnx.GraphProto, kept: set[str]) -> dict[str, str]:
     HardSigmoid -> Q in float after it (the saturation of the uint8 range [0, <= 1] is the clip). Returns each new
     tensor -> the tensor whose range it takes."""
     constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
-    readers, outputs = _consumers(graph), {output.name for output in graph.output}
+    readers, outputs = tensor_readers(graph), {output.name for output in graph.output}
     used, dropped, ranged_as = _tensor_names(graph), set(), {}
     for conv in graph.node:
         if conv.op_type != "Conv" or conv.name in kept or conv.input[1] not in constants:
@@ -347,7 +340,7 @@ def _widen_depthwise_channels(graph: onnx.GraphProto, kept: set[str]) -> None:
     and no other channel reads them. A region that reaches anything else stays as it is."""
     constants = {init.name: init for init in graph.initializer}
     producer = {name: node for node in graph.node for name in node.output}
-    readers, used = _consumers(graph), _tensor_names(graph)
+    readers, used = tensor_readers(graph), _tensor_names(graph)
     stops = {value.name for value in graph.input} | {value.name for value in graph.output} | kept
     widened: set[str] = set()
     for conv in graph.node:
@@ -430,7 +423,7 @@ def _channel_region(
                 region.channelwise[node.name] = node
                 for name in node.input:
                     if name in constants:
-                        scalar = numpy_helper.to_array(constants[name]).size == 1
+                        scalar = math.prod(constants[name].dims) == 1
                         if not scalar and _channel_axis(constants[name], channels, rank) is None:
                             return None
                     elif name:
@@ -441,10 +434,14 @@ def _channel_region(
     return region
 
 
+def _group(conv: onnx.NodeProto) -> int:
+    """A Conv's `group` attribute (1 where unset)."""
+    return next((attr.i for attr in conv.attribute if attr.name == "group"), 1)
+
+
 def _dense_conv(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto]) -> bool:
     """Whether `node` is a Conv of one group with a constant weight (and bias, where it has one)."""
-    group = next((attr.i for attr in node.attribute if attr.name == "group"), 1)
-    return node.op_type == "Conv" and group == 1 and all(name in constants for name in node.input[1:] if name)
+    return node.op_type == "Conv" and _group(node) == 1 and all(name in constants for name in node.input[1:] if name)
 
 
 def _depthwise_channels(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto]) -> int:
@@ -453,8 +450,7 @@ def _depthwise_channels(node: onnx.NodeProto, constants: dict[str, onnx.TensorPr
     if node.op_type != "Conv" or not all(name in constants for name in node.input[1:] if name):
         return 0
     filters, inputs = constants[node.input[1]].dims[:2]
-    group = next((attr.i for attr in node.attribute if attr.name == "group"), 1)
-    return filters if group == filters > 1 and inputs == 1 else 0
+    return filters if _group(node) == filters > 1 and inputs == 1 else 0
 
 
 def _channel_axis(constant: onnx.TensorProto | None, channels: int, rank: int) -> int | None:
@@ -503,7 +499,7 @@ def _float_graph_outputs(graph: onnx.GraphProto) -> None:
     float), the pair reads it, and the output's other readers read the pair's DequantizeLinear output; a pair that
     nothing else reads is removed, with its scale and zero point where nothing else uses them."""
     producer = {name: node for node in graph.node for name in node.output}
-    readers = _consumers(graph)
+    readers = tensor_readers(graph)
     removed = []
     for output in graph.output:
         dequantize = producer.get(output.name)
@@ -592,7 +588,7 @@ def _fold_one_scalar_step(graph: onnx.GraphProto, excluded: set[str], ranks: dic
     was one."""
     values = {init.name: init for init in graph.initializer}
     producer = {name: node for node in graph.node for name in node.output}
-    readers = _consumers(graph)
+    readers = tensor_readers(graph)
     outputs = {output.name for output in graph.output}
     for node in graph.node:
         if node.op_type not in ("Mul", "Div") or node.name in excluded or node.output[0] in outputs:

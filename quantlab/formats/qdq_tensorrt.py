@@ -45,7 +45,7 @@ from quantlab.formats.qdq import (
     QuantizationPlan,
     unthresholded,
 )
-from quantlab.model import activation_tensors, tensor_types
+from quantlab.model import activation_tensors, tensor_readers, tensor_types
 
 # Ops through which a Q/DQ moves without changing any value when the zero point is 0.
 COMMUTING_OPS = ("Relu", "MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze")
@@ -115,10 +115,7 @@ def _placement(model: onnx.ModelProto, activations: list[str], excluded: set[str
             residual.add(first)
     quantized = inputs | residual
 
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in set(node.input):
-            consumers.setdefault(name, []).append(node)
+    consumers = tensor_readers(graph)
     graph_outputs = {output.name for output in graph.output}
     shared = []
     for node in weighted:
