@@ -314,8 +314,9 @@ def prepared_model(fp32: onnx.ModelProto, path: Path) -> onnx.ModelProto:
     The opset is raised to what the Q/DQ nodes need (`_with_min_opset`: 19 where a weighted op reads float16, for
     float16 scales); weights computed from constants become initializers (`fold_constants`: the quantizer quantizes
     initializers only); unnamed nodes get names (`<op type>_<index>`), so that every node can be kept in float (by
-    `keep_fp32`, by its output's name, or by the small-GEMM rule) and named in reports; graph outputs that are graph inputs passed through are taken out (the quantizer would route a
-    quantized input's Q/DQ into a cycle through its own output; `quantize_qdq` puts every FP32 output back).
+    `keep_fp32`, by its output's name, or by the small-GEMM rule) and named in reports; graph outputs that are graph
+    inputs passed through are taken out (the quantizer would route a quantized input's Q/DQ into a cycle through its
+    own output; `quantize_qdq` puts every FP32 output back).
     """
     weighted_inputs = [name for node in fp32.graph.node if node.op_type in WEIGHTED_OPS for name in node.input if name]
     types = tensor_types(fp32)
